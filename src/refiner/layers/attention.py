@@ -1,0 +1,169 @@
+"""Refined multi-head self-attention, with attention maps handed from block to block.
+
+Refiner-ViT (the authors' released code) alternates two kinds of blocks:
+
+- an *attention block* computes A = softmax(q·kᵀ·s), s = d^-1/2, adds s·A_prev when the previous
+  block handed a map over, aggregates its V with A and hands A on;
+- a *refining block* computes no queries or keys: it takes the map A_prev handed over, refines it,
+  R = s·BN(DLA(A_prev)), aggregates its own V with R, and hands A_prev on unchanged (so the next
+  attention block adds the unrefined map).
+
+``RefinedAttention`` is either kind (``reuse_attn``). An attention block may also refine its own
+map before using it (``refine`` given, ``reuse_attn=False``): that is how the paper's "ViT/DeiT +
+refiner" works, and how :func:`refiner.refine_vit` retrofits a timm ViT.
+"""
+from typing import Optional, Tuple
+
+import torch
+from timm.layers import register_notrace_module
+from torch import nn
+
+from .dla import DistributedLocalAttention
+from .fused import attention_handover, kernels_apply, refine_aggregate
+from .norm import BatchNorm2d
+
+__all__ = ['RefinedAttention']
+
+
+@register_notrace_module  # a leaf for torch.fx: its fast paths branch on run-time state
+class RefinedAttention(nn.Module):
+    """Multi-head self-attention whose attention map can be refined and handed to the next block.
+
+    Args:
+        dim: token width C.
+        num_heads: H; each head has d = C/H channels.
+        qkv_bias: bias on the q, k, v projection.
+        reuse_attn: a refining block: no q, k; it refines and applies the map handed over.
+        refine: the module that refines the (B, H, N, N) map (a :class:`DistributedLocalAttention`),
+            or None. A refining block needs one.
+        refine_norm: apply BatchNorm over heads after refining (the authors' ``adapt_bn``).
+        qk_norm: normalise q and k per head (as timm's Attention).
+        attn_drop: dropout on the map that aggregates V.
+        proj_drop: dropout after the output projection.
+
+    ``forward(x, prev_attn)`` returns ``(out, attn_to_hand_on)``.
+    """
+
+    def __init__(
+            self,
+            dim: int,
+            num_heads: int = 8,
+            qkv_bias: bool = True,
+            reuse_attn: bool = False,
+            refine: Optional[DistributedLocalAttention] = None,
+            refine_norm: bool = False,
+            qk_norm: bool = False,
+            norm_layer: type = nn.LayerNorm,
+            attn_drop: float = 0.,
+            proj_drop: float = 0.,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads != 0:
+            raise ValueError(f'dim ({dim}) must be divisible by num_heads ({num_heads})')
+        if reuse_attn and refine is None:
+            raise ValueError('a refining block (reuse_attn=True) needs a refine module')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.reuse_attn = reuse_attn
+        # a refining block projects V only; an attention block projects q, k and v
+        self.qkv = nn.Linear(dim, dim if reuse_attn else 3 * dim, bias=qkv_bias)
+        self.q_norm = norm_layer(self.head_dim) if qk_norm and not reuse_attn else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim) if qk_norm and not reuse_attn else nn.Identity()
+        self.refine = refine
+        self.refine_norm = BatchNorm2d(num_heads) if refine_norm else nn.Identity()
+        # ×s on the refined map of a refining block; folded into refine by reparameterize()
+        self.refine_scale = self.scale if reuse_attn else 1.0
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        # use the fused kernels of refiner.layers.fused in eager mode (False: the reference code)
+        self.fused_kernels = True
+
+    def forward(self, x: torch.Tensor, prev_attn: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        B, N, C = x.shape
+        H, d = self.num_heads, self.head_dim
+        if self.reuse_attn:
+            if prev_attn is None:
+                raise ValueError('a refining block needs the attention map of a previous block')
+            v = self.qkv(x).view(B, N, H, d).transpose(1, 2)  # (B, H, N, d)
+            attn = prev_attn  # handed on unchanged
+            out = self._aggregate_refined(prev_attn, v)
+        else:
+            qkv = self.qkv(x).view(B, N, 3, H, d).permute(2, 0, 3, 1, 4)  # (3, B, H, N, d)
+            q, k, v = qkv.unbind(0)
+            q, k = self.q_norm(q), self.k_norm(k)
+            if self.refine is None:
+                aggregated, attn = self._attend(q, k, v, prev_attn)
+                assert aggregated is not None
+                out = aggregated
+            else:
+                _, attn = self._attend(q, k, None, prev_attn)
+                out = self._aggregate_refined(attn, v)
+        out = out.transpose(1, 2).reshape(B, N, C)  # (B, H, N, d) -> (B, N, C)
+        out = self.proj_drop(self.proj(out))
+        return out, attn
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], prev_attn: Optional[torch.Tensor]
+                ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        """A = softmax(q·kᵀ·s) [+ s·A_prev]; returns (dropout(A) @ v or None, A)."""
+        if not torch.jit.is_scripting() and self._kernels_apply(q, prev_attn):
+            return self._attend_fused(q, k, v, prev_attn)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
+        if prev_attn is not None:
+            attn = torch.add(attn, prev_attn, alpha=self.scale)  # the authors' hand-over
+        out = self.attn_drop(attn) @ v if v is not None else None
+        return out, attn
+
+    def refined_map(self, attn: torch.Tensor) -> torch.Tensor:
+        """The map that aggregates V: scale · norm(refine(attn)), (B, H, N, N)."""
+        assert self.refine is not None
+        refined = self.refine_norm(self.refine(attn))
+        if self.refine_scale != 1.0:
+            refined = refined * self.refine_scale
+        return refined
+
+    def _aggregate_refined(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting() and self._kernels_apply(attn, v):
+            out = self._aggregate_refined_fused(attn, v)
+            if out is not None:
+                return out
+        return self.attn_drop(self.refined_map(attn)) @ v
+
+    # the fused kernels of refiner.layers.fused: same results, less time and memory (eager only)
+
+    @torch.jit.unused
+    def _kernels_apply(self, a: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
+        dropout = self.attn_drop.p > 0 and self.training
+        return self.fused_kernels and not dropout and kernels_apply(a, b)
+
+    @torch.jit.unused
+    def _attend_fused(self, q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor],
+                      prev_attn: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+        return attention_handover(q, k, v, prev_attn, self.scale)
+
+    @torch.jit.unused
+    def _aggregate_refined_fused(self, attn: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
+        assert self.refine is not None
+        return refine_aggregate(attn, v, self.refine, self.refine_norm, self.refine_scale)
+
+    @torch.no_grad()
+    def reparameterize(self) -> None:
+        """Fold the refine norm and the ×s of a refining block into the refine module (eval only)."""
+        if self.refine is None:
+            return
+        if self.training:
+            raise RuntimeError('folding uses running statistics: call model.eval() first')
+        H = self.num_heads
+        scale = torch.full((H,), self.refine_scale)
+        shift = torch.zeros(H)
+        norm = self.refine_norm
+        if isinstance(norm, nn.BatchNorm2d):
+            assert norm.running_var is not None and norm.running_mean is not None
+            g = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+            scale = scale.to(g) * g
+            shift = (norm.bias - norm.running_mean * g) * self.refine_scale
+        if isinstance(norm, nn.BatchNorm2d) or self.refine_scale != 1.0:
+            self.refine.fold(scale, shift)
+        self.refine_norm = nn.Identity()
+        self.refine_scale = 1.0

@@ -1,0 +1,107 @@
+"""Retrofit refined attention into an existing timm ViT / DeiT ("DeiT + refiner" in the paper).
+
+Each chosen block keeps its q, k, v and output projections; its attention map is refined by a
+distributed-local-attention module before it aggregates V. The refinement starts as the identity
+(its last BatchNorm is zero-initialised, around an identity residual), so the retrofitted model
+computes exactly what the original did until it is trained.
+"""
+from typing import Iterable, List, Optional, Union
+
+import torch
+from timm.layers import Attention
+from torch import nn
+
+from .layers import DistributedLocalAttention, RefinedAttention
+
+__all__ = ['RefinedTimmAttention', 'refine_vit']
+
+
+class RefinedTimmAttention(RefinedAttention):
+    """Refined attention with the interface of timm's ``Attention``: ``forward(x) -> x``.
+
+    Its parameter names are those of timm's Attention (``qkv``, ``proj``, ``q_norm``, ``k_norm``),
+    plus ``refine.*``, so the original checkpoint still loads (with ``strict=False``).
+    """
+
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,  # type: ignore[override]
+                is_causal: bool = False) -> torch.Tensor:
+        if attn_mask is not None or is_causal:
+            raise ValueError('refined attention does not support attention masks or causal attention')
+        B, N, C = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, d)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        _, attn = self._attend(q, k, None, None)  # (B, H, N, N)
+        out = self._aggregate_refined(attn, v)  # refine(A) @ V
+        out = out.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(out))
+
+
+def _block_indices(blocks: Union[str, int, Iterable[int]], depth: int) -> List[int]:
+    if blocks == 'all':
+        return list(range(depth))
+    if isinstance(blocks, int):
+        if not 0 < blocks <= depth:
+            raise ValueError(f'blocks={blocks}: expected 1..{depth} (the last n blocks)')
+        return list(range(depth - blocks, depth))
+    if isinstance(blocks, str):
+        raise ValueError(f"blocks must be 'all', an int (last n blocks) or a list of indices, got {blocks!r}")
+    out = set()
+    for i in blocks:
+        if not -depth <= i < depth:
+            raise ValueError(f'block index {i} is out of range for a model with {depth} blocks')
+        out.add(i % depth)
+    if not out:
+        raise ValueError('blocks is empty: name at least one block to refine')
+    return sorted(out)
+
+
+def refine_vit(
+        model: nn.Module,
+        blocks: Union[str, int, Iterable[int]] = 'all',
+        refine_mode: str = 'inverted_residual',
+        expansion_ratio: int = 3,
+        refine_kernel_size: int = 3,
+) -> nn.Module:
+    """Give chosen blocks of a timm ``VisionTransformer`` (vit_*, deit_*) refined attention, in place.
+
+    Args:
+        model: a timm ViT whose blocks hold a timm ``Attention`` as ``attn``.
+        blocks: ``'all'``, the last n blocks (an int), or a list of block indices.
+        refine_mode: form of the refinement (see :class:`refiner.layers.DistributedLocalAttention`).
+        expansion_ratio: attention expansion r.
+        refine_kernel_size: k of the distributed local attention.
+
+    Returns the same model; ``model.refined_blocks`` lists the blocks that changed, and
+    ``model.pretrained_cfg['refiner']`` records the settings. Outputs are unchanged until trained.
+    """
+    if not hasattr(model, 'blocks') or not isinstance(model.blocks, (nn.Sequential, nn.ModuleList)):
+        raise TypeError(f'refine_vit needs a timm VisionTransformer-like model (.blocks), got {type(model).__name__}')
+    indices = _block_indices(blocks, len(model.blocks))
+    for i in indices:
+        old = getattr(model.blocks[i], 'attn', None)
+        if not isinstance(old, Attention):
+            raise TypeError(f'block {i} has attention {type(old).__name__}; refine_vit converts timm.layers.Attention')
+        if old.gate is not None or not isinstance(old.norm, nn.Identity) or old.attn_dim != old.proj.in_features:
+            raise TypeError(f'block {i}: gated or scale-normed attention is not supported by refine_vit')
+        dim = old.qkv.in_features
+        if old.attn_dim != dim or old.proj.out_features != dim:
+            raise TypeError(f'block {i}: attention width {old.attn_dim} differs from the token width {dim}')
+        refine = DistributedLocalAttention(
+            old.num_heads, expansion_ratio=expansion_ratio, refine_kernel_size=refine_kernel_size,
+            mode=refine_mode, residual=True, zero_init_last=True)
+        new = RefinedTimmAttention(
+            dim, old.num_heads, qkv_bias=old.qkv.bias is not None, refine=refine,
+            qk_norm=not isinstance(old.q_norm, nn.Identity), attn_drop=old.attn_drop.p, proj_drop=old.proj_drop.p)
+        if new.proj.bias is None or old.proj.bias is None:
+            raise TypeError(f'block {i}: attention without output-projection bias is not supported')
+        new.qkv, new.proj, new.q_norm, new.k_norm = old.qkv, old.proj, old.q_norm, old.k_norm
+        new.to(device=old.qkv.weight.device, dtype=old.qkv.weight.dtype)
+        new.train(old.training)
+        model.blocks[i].attn = new
+    model.refined_blocks = indices
+    settings = dict(blocks=indices, refine_mode=refine_mode, expansion_ratio=expansion_ratio,
+                    refine_kernel_size=refine_kernel_size)
+    if isinstance(getattr(model, 'pretrained_cfg', None), dict):
+        model.pretrained_cfg = dict(model.pretrained_cfg, refiner=settings)
+    return model

@@ -1,0 +1,98 @@
+"""The fused kernels (refiner.layers.fused) compute what the reference modules compute."""
+import copy
+
+import pytest
+import timm
+import torch
+
+import refiner  # noqa: F401  (registers the models)
+from refiner.layers import DistributedLocalAttention, RefinedAttention
+
+
+def _randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Non-trivial BatchNorm affines and running statistics, so that no path is negligible."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.weight.data = torch.rand(m.num_features, generator=g, dtype=m.weight.dtype) + 0.5
+            m.bias.data = torch.rand(m.num_features, generator=g, dtype=m.bias.dtype) * 0.6 - 0.3
+            m.running_mean.data = torch.rand(m.num_features, generator=g, dtype=m.running_mean.dtype) * 0.2
+            m.running_var.data = torch.rand(m.num_features, generator=g, dtype=m.running_var.dtype) + 0.5
+    return module
+
+
+def _pair(module: torch.nn.Module):
+    ref = copy.deepcopy(module)
+    for m in ref.modules():
+        if isinstance(m, RefinedAttention):
+            m.fused_kernels = False
+    return module, ref
+
+
+def _grads(model, inputs, out, grad):
+    params = [p for p in model.parameters()]
+    return torch.autograd.grad(out, list(inputs) + params, grad, allow_unused=True)
+
+
+@pytest.mark.parametrize('reuse,with_prev', [(True, True), (False, True), (False, False)])
+def test_attention_block_train_matches_reference(reuse, with_prev):
+    torch.manual_seed(0)
+    H, N, C = 3, 10, 12
+    refine = DistributedLocalAttention(H) if (reuse or with_prev) else None
+    attn = RefinedAttention(C, H, reuse_attn=reuse, refine=refine, refine_norm=reuse).double().train()
+    _randomise(attn)
+    fused, ref = _pair(attn)
+    x = torch.randn(4, N, C, dtype=torch.double, requires_grad=True)
+    prev = torch.softmax(torch.randn(4, H, N, N, dtype=torch.double), -1).requires_grad_() if with_prev else None
+    (o1, a1), (o2, a2) = fused(x, prev), ref(x, prev)
+    torch.testing.assert_close(o1, o2, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(a1, a2, rtol=1e-10, atol=1e-12)
+    inputs = [x] + ([prev] if with_prev else [])
+    g = (torch.randn_like(o1), torch.randn_like(a1))
+    grads1 = torch.autograd.grad((o1, a1), inputs + list(fused.parameters()), g)
+    grads2 = torch.autograd.grad((o2, a2), inputs + list(ref.parameters()), g)
+    for (name, _), g1, g2 in zip([('x', 0)] + ([('prev', 0)] if with_prev else []) + list(fused.named_parameters()),
+                                 grads1, grads2):
+        torch.testing.assert_close(g1, g2, rtol=1e-8, atol=1e-10, msg=f'gradient of {name}')
+    for (name, b1), b2 in zip(fused.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b1, b2, rtol=1e-10, atol=1e-12, msg=f'buffer {name}')
+
+
+def test_model_train_step_matches_reference():
+    torch.manual_seed(0)
+    model = timm.create_model('refiner_vit_nano', num_classes=5, img_size=16).double()
+    fused, ref = _pair(_randomise(model))
+    x = torch.randn(3, 3, 16, 16, dtype=torch.double)
+    o1, o2 = fused(x), ref(x)
+    torch.testing.assert_close(o1, o2, rtol=1e-9, atol=1e-11)
+    o1.square().sum().backward()
+    o2.square().sum().backward()
+    for (name, p1), p2 in zip(fused.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-7, atol=1e-9, msg=f'gradient of {name}')
+    for (name, b1), b2 in zip(fused.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(b1.double(), b2.double(), rtol=1e-9, atol=1e-11, msg=f'buffer {name}')
+
+
+@pytest.mark.parametrize('mode', ['inverted_residual', 'linear', 'conv'])
+def test_eval_matches_reference(mode):
+    torch.manual_seed(0)
+    model = timm.create_model('refiner_vit_nano', num_classes=5, refine_mode=mode).eval()
+    fused, ref = _pair(_randomise(model))
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(fused(x), ref(x), rtol=1e-5, atol=1e-6)
+
+
+def test_float32_training_at_least_as_accurate_as_reference():
+    """In float32 the kernels (float64 accumulators) stay as close to a float64 run as autograd."""
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model('refiner_vit_nano', num_classes=5))
+    fused, ref = _pair(model)
+    truth = copy.deepcopy(ref).double()
+    x = torch.randn(4, 3, 32, 32)
+    for m, inp in ((fused, x), (ref, x), (truth, x.double())):
+        m(inp).sum().backward()
+    for (name, p1), p2, p3 in zip(fused.named_parameters(), ref.parameters(), truth.parameters()):
+        err_fused = (p1.grad.double() - p3.grad).abs().max()
+        err_ref = (p2.grad.double() - p3.grad).abs().max()
+        assert err_fused <= 2 * err_ref + 1e-7, f'{name}: {err_fused:.3g} vs autograd {err_ref:.3g}'

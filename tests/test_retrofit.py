@@ -1,0 +1,76 @@
+"""refine_vit turns chosen blocks of a timm ViT into refined attention ("DeiT + refiner")."""
+import pytest
+import timm
+import torch
+
+import refiner
+from refiner.retrofit import RefinedTimmAttention
+
+
+def _vit(**kwargs):
+    return timm.create_model('deit_tiny_patch16_224', img_size=32, patch_size=8, depth=3, num_classes=5, **kwargs)
+
+
+def test_retrofit_keeps_outputs_then_trains():
+    torch.manual_seed(0)
+    model = _vit().eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+    refiner.refine_vit(model, blocks=[0, 2])
+    assert model.refined_blocks == [0, 2]
+    assert isinstance(model.blocks[0].attn, RefinedTimmAttention)
+    assert not isinstance(model.blocks[1].attn, RefinedTimmAttention)
+    assert model.pretrained_cfg['refiner']['blocks'] == [0, 2]
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)  # identity at the start
+
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    y = torch.tensor([1, 3])
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    refine = model.blocks[0].attn.refine
+    assert refine.reduce_norm.weight.abs().sum() > 0  # the refinement learned something
+    model.eval()
+    with torch.no_grad():
+        assert not torch.allclose(model(x), before, atol=1e-4)
+
+
+def test_retrofit_keeps_timm_api():
+    model = refiner.refine_vit(_vit(), blocks=2).eval()
+    assert model.refined_blocks == [1, 2]
+    x = torch.randn(1, 3, 32, 32)
+    final, inter = model.forward_intermediates(x)
+    assert len(inter) == 3
+    state = model.state_dict()
+    assert 'blocks.1.attn.qkv.weight' in state and 'blocks.1.attn.refine.expand.weight' in state
+    fresh = _vit()
+    missing, unexpected = fresh.load_state_dict(state, strict=False)  # original keys still load
+    assert not missing and all('.refine.' in k for k in unexpected)
+    with timm.layers.set_scriptable(True):
+        scripted = torch.jit.script(model)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('mode', ['linear', 'conv'])
+def test_retrofit_other_forms(mode):
+    model = refiner.refine_vit(_vit(), refine_mode=mode, refine_kernel_size=5).eval()
+    x = torch.randn(1, 3, 32, 32)
+    assert model(x).shape == (1, 5)
+
+
+def test_retrofit_errors():
+    with pytest.raises(TypeError, match='VisionTransformer-like'):
+        refiner.refine_vit(torch.nn.Linear(3, 3))
+    with pytest.raises(ValueError, match='out of range'):
+        refiner.refine_vit(_vit(), blocks=[7])
+    with pytest.raises(TypeError, match='timm.layers.Attention'):
+        refiner.refine_vit(refiner.refine_vit(_vit(), blocks=[0]), blocks=[0])
+    model = refiner.refine_vit(_vit(), blocks=[0])
+    with pytest.raises(ValueError, match='attention masks'):
+        model.blocks[0].attn(torch.randn(1, 17, 192), attn_mask=torch.ones(17, 17, dtype=torch.bool))
