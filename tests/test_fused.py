@@ -95,4 +95,5 @@ def test_float32_training_at_least_as_accurate_as_reference():
     for (name, p1), p2, p3 in zip(fused.named_parameters(), ref.parameters(), truth.parameters()):
         err_fused = (p1.grad.double() - p3.grad).abs().max()
         err_ref = (p2.grad.double() - p3.grad).abs().max()
-        assert err_fused <= 2 * err_ref + 1e-7, f'{name}: {err_fused:.3g} vs autograd {err_ref:.3g}'
+        tolerance = 2 * err_ref + 1e-6 * p3.grad.abs().max().clamp_min(1.0)
+        assert err_fused <= tolerance, f'{name}: {err_fused:.3g} vs autograd {err_ref:.3g}'

@@ -1,22 +1,262 @@
-"""The ``refiner`` command line: one subcommand per job, each implemented in its own module."""
+"""The ``refiner`` command line. Each subcommand parses its arguments here and calls the library;
+errors that a user can fix are printed as one sentence (exit code 1 or 2), never as a traceback."""
 import argparse
-import importlib
 import sys
-from typing import List, Optional
+from typing import Callable, Dict, List, Optional
 
-# subcommand -> module that provides add_arguments(parser) and main(args) -> int
-COMMANDS = {
-    'convert': ('refiner.convert_cli', 'convert an original Refiner checkpoint to safetensors'),
+__all__ = ['main', 'build_parser']
+
+
+class UsageError(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------- convert
+
+def _convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('src', help='original checkpoint (.pth / .pth.tar)')
+    p.add_argument('dst', help='output .safetensors file')
+    p.add_argument('--ema', action='store_true', help='take state_dict_ema when the file holds both')
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import convert_checkpoint
+    if not args.dst.endswith('.safetensors'):
+        raise UsageError(f'{args.dst}: the output must be a .safetensors file')
+    info = convert_checkpoint(args.src, args.dst, use_ema=args.ema)
+    cfg = info['model_args']
+    name = info['model_name'] or 'refiner_vit_s'
+    print(f'wrote {args.dst}: {cfg["depth"]} blocks, width {cfg["embed_dim"]}, {cfg["num_heads"]} heads, '
+          f'{cfg["img_size"]}px, {cfg["num_classes"]} classes{", token-labeling head" if cfg["aux_head"] else ""}')
+    shown = {k: v for k, v in cfg.items() if info['model_name'] is None or k in ('img_size', 'num_classes', 'aux_head')}
+    args_text = ''.join(f', {k}={v!r}' for k, v in shown.items())
+    # timm drops the classifier when num_classes differs from the pretrained config's: state it there too
+    print(f"load it with: timm.create_model('{name}', pretrained=True, pretrained_cfg_overlay="
+          f"dict(file='{args.dst}', num_classes={cfg['num_classes']}){args_text})")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ train
+
+_TRAIN_FLAGS = {  # flag -> config key
+    'model': 'model', 'data': 'data', 'epochs': 'epochs', 'batch_size': 'batch_size', 'lr': 'lr',
+    'img_size': 'img_size', 'seed': 'seed', 'device': 'device', 'workers': 'workers', 'amp': 'amp',
+    'checkpoint_every': 'checkpoint_every', 'train_fraction': 'train_fraction',
 }
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--config', default=None,
+                   help="a shipped recipe (default, refiner_s, refiner_m, refiner_s_tl, refiner_m_tl, "
+                        "refiner_l_tl) or a YAML file; default: 'default' on the embedded digits, the DeiT-style "
+                        "defaults with --data")
+    p.add_argument('--model', help='any timm model name (refiner_vit_*, vit_*, deit_*, resnet*, ...)')
+    p.add_argument('--data', help='a folder with train/ and val/ class subfolders, or a timm dataset spec '
+                                  '(default: the embedded digits)')
+    p.add_argument('--out', help='run directory (default: runs/<model>-<time>)')
+    p.add_argument('--epochs', type=int)
+    p.add_argument('--batch-size', type=int, help='per process')
+    p.add_argument('--lr', type=float, help='learning rate for a global batch of lr_base_size (scaled linearly)')
+    p.add_argument('--img-size', type=int)
+    p.add_argument('--seed', type=int)
+    p.add_argument('--device', help="'auto' (default), 'cpu' or 'cuda'")
+    p.add_argument('--workers', type=int, help='data-loading processes')
+    p.add_argument('--amp', choices=['none', 'bf16', 'fp16'])
+    p.add_argument('--checkpoint-every', type=int, help='also checkpoint every N steps')
+    p.add_argument('--train-fraction', type=float, help='train on a stratified fraction of the training split')
+    p.add_argument('--resume', metavar='DIR', help='continue the run in DIR')
+    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='set any config key (YAML value)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+
+
+def _train_config(args: argparse.Namespace):
+    from .config import apply_overrides, load_recipe, parse_set
+    recipe = args.config or ('default' if args.data in (None, 'digits') else None)
+    base = load_recipe(recipe) if recipe else {}
+    if args.data not in (None, 'digits') and args.config is None:
+        base = {}  # the generic (DeiT-style) defaults for a user's dataset
+    flags = {key: getattr(args, flag) for flag, key in _TRAIN_FLAGS.items()}
+    return apply_overrides(base, {**flags, **parse_set(args.set), 'out': args.out})
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import train
+    if args.resume:
+        given = [f'--{f.replace("_", "-")}' for f in _TRAIN_FLAGS
+                 if f not in ('device', 'workers') and getattr(args, f) is not None]
+        given += (['--config'] if args.config else []) + (['--set'] if args.set else [])
+        if given or args.out:
+            raise UsageError(f'--resume continues a run with its saved config; drop {", ".join(given or ["--out"])} '
+                             f'(only --device and --workers may change)')
+        from .config import TrainConfig
+        cfg = TrainConfig(device=args.device or 'auto', workers=args.workers or 0)
+        train(cfg, resume=args.resume, progress=not args.no_progress)
+    else:
+        train(_train_config(args), out=args.out, progress=not args.no_progress)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- eval
+
+def _eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--checkpoint', required=True,
+                   help='a run directory, a .safetensors file written by refiner, or an original Refiner checkpoint')
+    p.add_argument('--data', help="dataset (default: the run's, else the embedded digits)")
+    p.add_argument('--split', choices=['val', 'train'], default='val')
+    p.add_argument('--ema', action='store_true', help="evaluate a run's EMA weights")
+    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--device', default='auto')
+    p.add_argument('--workers', type=int, default=0)
+    p.add_argument('--confusion', metavar='PNG', help='write the confusion matrix as a PNG')
+    p.add_argument('--json', metavar='FILE', help='write the metrics as JSON')
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from .evaluate import evaluate_checkpoint, format_report, plot_confusion, save_json
+    res = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.ema, args.batch_size, args.device,
+                              args.workers)
+    print(format_report(res))
+    if args.confusion:
+        print(f'confusion matrix: {plot_confusion(res["confusion"], res["classes"], args.confusion)}')
+    if args.json:
+        save_json(res, args.json)
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- ablate
+
+def _ablate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--data', help='dataset (default: the embedded digits)')
+    p.add_argument('--fractions', type=float, nargs='+', default=[0.05, 0.1, 0.25, 1.0])
+    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    p.add_argument('--models', nargs='+', default=['refiner', 'vit'], choices=['refiner', 'vit', 'convstem_vit'])
+    p.add_argument('--config', help="recipe of the Refiner arm (default: 'default' on digits)")
+    p.add_argument('--out', default='runs/ablate')
+    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override any config key')
+    p.add_argument('--no-progress', action='store_true')
+
+
+def _ablate(args: argparse.Namespace) -> int:
+    from .ablate import run_ablation
+    from .config import parse_set
+    if any(not 0 < f <= 1 for f in args.fractions):
+        raise UsageError(f'--fractions must lie in (0, 1], got {args.fractions}')
+    report = run_ablation(args.data, args.fractions, args.seeds, args.out, args.models, args.config,
+                          parse_set(args.set), progress=not args.no_progress)
+    print(report['table'])
+    print(f'results: {args.out}/ablation.json, ablation.md, ablation.png')
+    return 0
+
+
+# ------------------------------------------------------------------------------------------ bench
+
+def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--model', nargs='+', default=['refiner_vit_s'])
+    p.add_argument('--batch-size', type=int, nargs='+', default=[16])
+    p.add_argument('--img-size', type=int, nargs='+', default=[224])
+    p.add_argument('--train', action='store_true', help='also measure a training step (forward, backward, AdamW)')
+    p.add_argument('--no-infer', action='store_true', help='skip the inference measurement')
+    p.add_argument('--compile', action='store_true', help='torch.compile the models')
+    p.add_argument('--no-fuse', action='store_true', help='measure inference without re-parameterizing')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--amp', choices=['none', 'bf16'], default='none')
+    p.add_argument('--reference', default='deit_small_patch16_224', help="timm model to compare with ('none': skip)")
+    p.add_argument('--rounds', type=int, default=3, help='alternating rounds of fresh processes')
+    p.add_argument('--steps', type=int, default=5, help='timed steps per process')
+    p.add_argument('--warmup', type=int, default=2)
+    p.add_argument('--json', metavar='FILE', help='write the report (default: runs/bench/bench-<time>.json)')
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import time
+
+    import timm
+
+    import refiner  # noqa: F401
+
+    from .bench import BenchConfig, format_table, run_bench, save_report
+    for name in args.model + ([args.reference] if args.reference != 'none' else []):
+        if not timm.is_model(name):
+            raise UsageError(f'--model {name}: not a timm model name')
+    modes = ([] if args.no_infer else ['infer']) + (['train'] if args.train else [])
+    if not modes:
+        raise UsageError('nothing to measure: drop --no-infer or add --train')
+    configs = [BenchConfig(model=m, mode=mode, batch_size=b, img_size=s, device=args.device, amp=args.amp,
+                           compile=args.compile, fuse=not args.no_fuse, steps=args.steps, warmup=args.warmup)
+               for m in args.model for mode in modes for b in args.batch_size for s in args.img_size]
+    report = run_bench(configs, None if args.reference == 'none' else args.reference, rounds=args.rounds)
+    print(format_table(report))
+    path = args.json or f'runs/bench/bench-{time.strftime("%Y%m%d-%H%M%S")}.json'
+    save_report(report, path)
+    print(f'report: {path}')
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- export
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('out', help='output file (.onnx or .pt)')
+    p.add_argument('--model', help='a timm model name (random weights unless --checkpoint)')
+    p.add_argument('--checkpoint', help='a run directory, a refiner .safetensors or an original checkpoint')
+    p.add_argument('--format', choices=['onnx', 'torchscript'], required=True)
+    p.add_argument('--img-size', type=int)
+    p.add_argument('--opset', type=int, default=18)
+    p.add_argument('--no-fuse', action='store_true', help='export without re-parameterizing')
+
+
+def _export(args: argparse.Namespace) -> int:
+    from .export import check_onnx, check_torchscript, export_onnx, export_torchscript, load_for_export, prepare
+    model, size = load_for_export(args.model, args.checkpoint, args.img_size)
+    model = prepare(model, fuse=not args.no_fuse)
+    if args.format == 'onnx':
+        path = export_onnx(model, args.out, size, opset=args.opset)
+        errs = check_onnx(path, model, size)
+        tol = 1e-4
+    else:
+        path = export_torchscript(model, args.out)
+        errs = check_torchscript(path, model, size)
+        tol = 1e-5
+    detail = ', '.join(f'batch {b}: {e:.1e}' for b, e in errs.items())
+    print(f'wrote {path} ({args.format}, input (B, 3, {size}, {size})); max relative difference to PyTorch: {detail}')
+    if max(errs.values()) > tol:
+        print(f'refiner export: outputs differ from PyTorch by more than {tol:g}', file=sys.stderr)
+        return 1
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- main
+
+COMMANDS: Dict[str, tuple] = {
+    'train': (_train_args, _train, 'train or resume a model (default: Refiner-ViT on the embedded digits)'),
+    'eval': (_eval_args, _eval, 'evaluate a run, a weights file or an original checkpoint'),
+    'ablate': (_ablate_args, _ablate, 'data efficiency: Refiner vs a plain ViT on fractions of the training set'),
+    'bench': (_bench_args, _bench, 'images/s and peak memory against a timm reference, in one run'),
+    'export': (_export_args, _export, 'export to ONNX (dynamic batch) or TorchScript, checked against PyTorch'),
+    'convert': (_convert_args, _convert, 'convert an original Refiner checkpoint to safetensors'),
+}
+
+
+def register(name: str, add_arguments: Callable, run: Callable, help_text: str) -> None:
+    COMMANDS[name] = (add_arguments, run, help_text)
+
+
+def _register_analysis() -> None:
+    from .analysis import commands as analysis
+    register('analyze', analysis.add_analyze_args, analysis.run_analyze,
+             'over-smoothing analysis: CKA between blocks (cka), attention diversity (attention)')
+    register('show-attention', analysis.add_show_attention_args, analysis.run_show_attention,
+             "one image's attention per head, before and after refinement")
+
+
+_register_analysis()
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog='refiner', description='Refiner: refined self-attention for vision transformers')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
-    for name, (module, help_text) in COMMANDS.items():
-        p = sub.add_parser(name, help=help_text, description=help_text)
-        importlib.import_module(module).add_arguments(p)
+    for name, (add_arguments, _, help_text) in COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=help_text))
     return parser
 
 
@@ -26,9 +266,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    module = importlib.import_module(COMMANDS[args.command][0])
+    from .analysis import AnalysisError
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .data import DataError
+    from .export import ExportError
+    from .train import TrainingError
     try:
-        return module.main(args) or 0
+        return COMMANDS[args.command][1](args) or 0
+    except UsageError as e:
+        print(f'refiner {args.command}: {e}', file=sys.stderr)
+        return 2
+    except (AnalysisError, CheckpointError, ConfigError, DataError, ExportError, TrainingError) as e:
+        print(f'refiner {args.command}: {e}', file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print('interrupted', file=sys.stderr)
         return 130

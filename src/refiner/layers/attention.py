@@ -107,7 +107,7 @@ class RefinedAttention(nn.Module):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], prev_attn: Optional[torch.Tensor]
                 ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         """A = softmax(q·kᵀ·s) [+ s·A_prev]; returns (dropout(A) @ v or None, A)."""
-        if not torch.jit.is_scripting() and self._kernels_apply(q, prev_attn):
+        if not torch.jit.is_scripting() and self._attention_kernel_applies(q, prev_attn):
             return self._attend_fused(q, k, v, prev_attn)
         attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
         if prev_attn is not None:
@@ -136,6 +136,12 @@ class RefinedAttention(nn.Module):
     def _kernels_apply(self, a: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
         dropout = self.attn_drop.p > 0 and self.training
         return self.fused_kernels and not dropout and kernels_apply(a, b)
+
+    @torch.jit.unused
+    def _attention_kernel_applies(self, q: torch.Tensor, prev: Optional[torch.Tensor]) -> bool:
+        # under autocast on a GPU, autocast's own mixed precision beats a float32 kernel; on a CPU
+        # the cache-blocked kernel wins either way
+        return self._kernels_apply(q, prev) and not (q.is_cuda and torch.is_autocast_enabled('cuda'))
 
     @torch.jit.unused
     def _attend_fused(self, q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor],

@@ -38,26 +38,37 @@ from torch import nn
 
 from .norm import recomputing
 
-__all__ = ['CHUNK', 'attention_handover', 'eager_mode', 'gelu_linear', 'kernels_apply', 'refine_aggregate']
+__all__ = ['CHUNK_BYTES', 'attention_handover', 'eager_mode', 'gelu_linear', 'kernels_apply', 'refine_aggregate']
 
-# samples per chunk. On a CPU one sample's expanded maps (r·H·N²·4 bytes, 5.6 MB for
-# Refiner-ViT-S at 224²) stay in cache: 1 measured fastest among 1, 2, 4 and 16. A GPU wants
-# larger launches; chunks there only bound the temporary memory.
-CHUNK = {'cpu': 1}
-DEFAULT_CHUNK = 16
+# Work is split into chunks of whole samples whose largest temporary (for a refining block, its
+# expanded maps, r·H·N²·4 bytes per sample) stays near CHUNK_BYTES. On a CPU that keeps each pass
+# in cache: one Refiner-ViT-S sample at 224² (5.6 MB) measured fastest, against 2, 4 and 16; small
+# models take many samples per chunk, so that per-operation overhead does not dominate. A GPU wants
+# large launches; chunks there only bound the temporary memory.
+CHUNK_BYTES = {'cpu': 6 << 20}
+DEFAULT_CHUNK_BYTES = 1 << 30
 
 Tensor = torch.Tensor
 
 
-def _chunks(t: Tensor) -> List[Tuple[int, int]]:
-    n, step = t.shape[0], CHUNK.get(t.device.type, DEFAULT_CHUNK)
+def _chunks(t: Tensor, per_sample_elements: Optional[int] = None) -> List[Tuple[int, int]]:
+    """[start, end) sample ranges of a batch ``t`` whose per-sample temporaries hold
+    ``per_sample_elements`` values (default: one sample of t)."""
+    n = t.shape[0]
+    per_sample = (per_sample_elements or t[0].numel()) * t.element_size()
+    budget = CHUNK_BYTES.get(t.device.type, DEFAULT_CHUNK_BYTES)
+    step = max(1, min(n, budget // max(per_sample, 1)))
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+_is_fx_tracing = getattr(torch.fx._symbolic_trace, 'is_fx_symbolic_tracing', torch.fx._symbolic_trace.is_fx_tracing)
+
+
 def eager_mode(*tensors: Optional[Tensor]) -> bool:
-    """Not under TorchScript, torch.compile or torch.fx tracing (which take the modules' reference code)."""
-    return (not torch.jit.is_scripting() and not torch.compiler.is_compiling()
-            and not torch.fx._symbolic_trace.is_fx_symbolic_tracing()
+    """Not under TorchScript, tracing, torch.compile / torch.export or torch.fx (which take the modules'
+    reference code)."""
+    return (not torch.jit.is_scripting() and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            and not _is_fx_tracing()
             and not any(isinstance(t, torch.fx.Proxy) for t in tensors))
 
 
@@ -95,7 +106,7 @@ def _attention_forward(q: Tensor, k: Tensor, v: Optional[Tensor], prev: Optional
     B, H, N, d = q.shape
     attn = q.new_empty(B, H, N, k.shape[2])
     out = q.new_empty(B, H, N, v.shape[3]) if v is not None else None
-    for i, j in _chunks(q):
+    for i, j in _chunks(q, H * N * k.shape[2]):
         logits = torch.matmul(q[i:j] * scale, k[i:j].transpose(-2, -1))  # (b, H, N, N)
         if prev is None:
             torch._softmax(logits, -1, False, out=attn[i:j])
@@ -112,7 +123,7 @@ def _attention_backward(q: Tensor, k: Tensor, v: Optional[Tensor], prev: Optiona
     grad_q, grad_k = torch.empty_like(q), torch.empty_like(k)
     grad_v = torch.empty_like(v) if v is not None else None
     grad_prev = torch.empty_like(attn) if prev is not None else None
-    for i, j in _chunks(q):
+    for i, j in _chunks(q, 2 * H * N * N):
         b = j - i
         if grad_out is not None and v is not None:
             g_out, v_c = grad_out[i:j].reshape(b * H, N, -1), v[i:j].reshape(b * H, N, -1)
@@ -184,7 +195,7 @@ def refine_aggregate(attn: Tensor, v: Tensor, refine: nn.Module, norm: nn.Module
         return None  # training-mode batch statistics couple the samples
     with torch.no_grad():
         out = v.new_empty(v.shape)
-        for i, j in _chunks(attn):
+        for i, j in _chunks(attn, attn[0].numel() * refine.expanded_heads // attn.shape[1]):
             refined = norm(refine(attn[i:j]))
             out[i:j] = torch.matmul(refined * scale if scale != 1.0 else refined, v[i:j])
         return out
@@ -322,7 +333,7 @@ class _RefineAggregate(torch.autograd.Function):
         n = B * N * M
         E = w1.shape[0]
         w1m, w3m = w1.reshape(E, H), w3.reshape(H, E)
-        chunks = _chunks(a)
+        chunks = _chunks(a, E * N * M)
         # BN1: statistics of W1·a from the input's covariance (no pass over expanded maps)
         mu, cov = _input_stats(a)
         mean1 = w1m @ mu
@@ -384,7 +395,7 @@ class _RefineAggregate(torch.autograd.Function):
         E = w1.shape[0]
         dt = a.dtype
         w1m, w3m = w1.reshape(E, H), w3.reshape(H, E)
-        chunks = _chunks(a)
+        chunks = _chunks(a, E * N * M)
         s1, h1, inv1 = _affine(g1, b1, mean1, var1, bns[0].eps)
         s2, h2, inv2 = _affine(g2, b2, mean2, var2, bns[1].eps)
         s3, h3, inv3 = _affine(g3, b3, mean3, var3, bns[2].eps)

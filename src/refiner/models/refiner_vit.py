@@ -213,6 +213,8 @@ class RefinerViT(nn.Module):
         refine_kernel_size: k of the distributed local attention.
         init_values: MLP layer-scale init (None: no layer scale).
         block_norm_eps: LayerNorm eps in the blocks (4e-6 reproduces the authors' LN(0.5·x, 1e-6)).
+        attn_handover: attention blocks add s·(the previous block's map), as the released models do;
+            refining blocks always receive the previous map.
         aux_head: add the token-labeling head (a classifier on every patch token).
         drop_rate, pos_drop_rate, proj_drop_rate, attn_drop_rate, drop_path_rate: regularisation.
     """
@@ -235,6 +237,7 @@ class RefinerViT(nn.Module):
             refine_kernel_size: int = 3,
             init_values: Optional[float] = 1e-5,
             block_norm_eps: float = 4e-6,
+            attn_handover: bool = True,
             aux_head: bool = False,
             drop_rate: float = 0.,
             pos_drop_rate: float = 0.,
@@ -260,6 +263,7 @@ class RefinerViT(nn.Module):
         self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
         self.num_prefix_tokens = 1
         self.refine_blocks = refine_blocks
+        self.attn_handover = attn_handover
         self.grad_checkpointing = False
 
         self.patch_embed = ConvStem(patch_size, in_chans, embed_dim)
@@ -348,10 +352,11 @@ class RefinerViT(nn.Module):
         attn: Optional[torch.Tensor] = None
         for i, blk in enumerate(self.blocks):
             if max_index < 0 or i <= max_index:  # (TorchScript allows no break here)
+                prev = attn if self.attn_handover or self.refine_blocks[i] else None
                 if self.grad_checkpointing and not torch.jit.is_scripting():
-                    x, a = checkpoint(blk, x, attn, use_reentrant=False)
+                    x, a = checkpoint(blk, x, prev, use_reentrant=False)
                 else:
-                    x, a = blk(x, attn)
+                    x, a = blk(x, prev)
                 attn = a
                 maps.append(a)
                 if take_indices is not None and i in take_indices:

@@ -1,0 +1,152 @@
+"""Training configuration: one dataclass, recipes as YAML files in the package, command-line overrides.
+
+Every key can be set in a recipe (``--config NAME_OR_PATH``), by a plain flag for the common ones
+(``--epochs 30``) or by ``--set key=value`` for any key (values parsed as YAML).
+"""
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import yaml
+
+__all__ = ['TrainConfig', 'load_recipe', 'list_recipes', 'apply_overrides', 'ConfigError']
+
+
+class ConfigError(ValueError):
+    """A recipe or an override that is not valid."""
+
+
+@dataclass
+class TrainConfig:
+    # data
+    data: Optional[str] = None  # None: the embedded digits dataset; a folder with train/ and val/; a timm spec
+    train_fraction: float = 1.0  # a stratified fraction of the training split (data-efficiency studies)
+    img_size: Optional[int] = None  # default: the dataset's (digits: 16) or the model's
+    workers: int = 0
+    mean: Optional[List[float]] = None  # default: the model's pretrained config
+    std: Optional[List[float]] = None
+    crop_pct: Optional[float] = None  # evaluation crop (default: the model's)
+    interpolation: str = 'bicubic'  # eval resize; training uses timm's 'random' when train_interpolation is
+    train_interpolation: str = 'random'
+    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # RandomResizedCrop
+    ratio: List[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    hflip: float = 0.5
+    aa: Optional[str] = 'rand-m9-mstd0.5-inc1'  # RandAugment
+    reprob: float = 0.25  # random erasing
+    remode: str = 'pixel'
+    # model
+    model: str = 'refiner_vit_s'
+    model_args: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model keyword arguments
+    drop_path: float = 0.1
+    token_labeling: bool = False  # add the token-labeling head; dense loss on every patch token
+    mix_token: bool = False  # MixToken (needs token_labeling)
+    dense_weight: float = 0.5
+    attn_cos_reg: float = 0.0  # the authors' attention-similarity regulariser weight (0.1 in their S/M recipes)
+    attn_cos_pairs: int = 12
+    # optimisation
+    epochs: int = 300
+    cooldown_epochs: int = 10
+    batch_size: int = 64  # per process
+    opt: str = 'adamw'
+    lr: float = 5e-4  # for a global batch of lr_base_size; scaled linearly with the global batch
+    lr_base_size: int = 512
+    weight_decay: float = 0.05
+    opt_eps: float = 1e-8
+    warmup_epochs: float = 5
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-5
+    clip_grad: Optional[float] = None
+    smoothing: float = 0.1
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    mixup_prob: float = 1.0
+    mixup_switch_prob: float = 0.5
+    mixup_mode: str = 'batch'
+    ema: bool = True
+    ema_decay: float = 0.99996
+    ema_warmup: bool = False
+    amp: str = 'none'  # 'none', 'bf16' (CPU and CUDA), 'fp16' (CUDA, with loss scaling)
+    # run
+    seed: int = 0
+    device: str = 'auto'
+    out: Optional[str] = None
+    checkpoint_every: int = 0  # also checkpoint every N optimizer steps (0: only at epoch ends)
+    eval_every: int = 1  # evaluate every N epochs (and always after the last)
+    checkpoint_epochs: int = 1  # checkpoint at the end of every N-th epoch (and always after the last)
+    description: str = ''
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f'epochs must be >= 1, got {self.epochs}')
+        if self.batch_size < 1:
+            raise ConfigError(f'batch_size must be >= 1, got {self.batch_size}')
+        if self.amp not in ('none', 'bf16', 'fp16'):
+            raise ConfigError(f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
+        if (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0 and self.batch_size % 2:
+            raise ConfigError(
+                f'Mixup/CutMix pair each image with another: batch_size must be even, got {self.batch_size}')
+        if self.mix_token and not self.token_labeling:
+            raise ConfigError('mix_token needs token_labeling (the per-token head)')
+        if not 0.0 < self.train_fraction <= 1.0:
+            raise ConfigError(f'train_fraction must be in (0, 1], got {self.train_fraction}')
+        if self.checkpoint_epochs < 1:
+            raise ConfigError(f'checkpoint_epochs must be >= 1, got {self.checkpoint_epochs}')
+        if self.eval_every < 1:
+            raise ConfigError(f'eval_every must be >= 1, got {self.eval_every}')
+        if self.lr <= 0:
+            raise ConfigError(f'lr must be positive, got {self.lr}')
+
+
+def _recipe_dir():
+    return resources.files('refiner') / 'recipes'
+
+
+def list_recipes() -> List[str]:
+    return sorted(p.name[:-5] for p in _recipe_dir().iterdir() if p.name.endswith('.yaml'))
+
+
+def load_recipe(name_or_path: str) -> Dict[str, Any]:
+    """A recipe shipped with the package (by name) or a YAML file (by path)."""
+    path = Path(name_or_path)
+    if path.suffix in ('.yaml', '.yml') or path.exists():
+        if not path.is_file():
+            raise ConfigError(f'--config {name_or_path}: no such file')
+        text = path.read_text()
+    else:
+        res = _recipe_dir() / f'{name_or_path}.yaml'
+        if not res.is_file():
+            raise ConfigError(f'--config {name_or_path}: not a file and not a shipped recipe '
+                              f'(recipes: {", ".join(list_recipes())})')
+        text = res.read_text()
+    data = yaml.safe_load(text) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f'recipe {name_or_path} is not a mapping of keys to values')
+    return data
+
+
+def apply_overrides(base: Dict[str, Any], overrides: Dict[str, Any]) -> TrainConfig:
+    """A config from a recipe's keys and overrides; unknown keys are an error naming them."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    merged = {**base, **{k: v for k, v in overrides.items() if v is not None}}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise ConfigError(f'unknown config keys {unknown}; known keys: {", ".join(sorted(known))}')
+    cfg = TrainConfig(**merged)
+    cfg.validate()
+    return cfg
+
+
+def parse_set(items: List[str]) -> Dict[str, Any]:
+    """``key=value`` strings, values parsed as YAML (``--set ema=false --set scale=[0.5,1]``)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition('=')
+        if not sep or not key:
+            raise ConfigError(f'--set {item!r}: expected key=value')
+        out[key.strip()] = yaml.safe_load(value)
+    return out

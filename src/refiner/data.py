@@ -1,0 +1,315 @@
+"""Datasets and loaders: the embedded default dataset, image folders, and timm's pipeline.
+
+- ``digits``: scikit-learn's handwritten digits (1,797 8×8 grey images, 10 classes), shipped
+  inside the installed package, so the default run needs no download. A fixed stratified split
+  (25% held out, seed 0) is the evaluation set; training never sees it.
+- ``--data DIR``: an ImageFolder layout (``DIR/train/<class>/*``, ``DIR/val/<class>/*``), or any
+  timm dataset spec (``tfds/...``, ``hfds/...``, ``wds/...``) through timm's dataset factory.
+
+Images are decoded robustly (grey, palette, RGBA, CMYK and 16-bit images become 8-bit RGB; files
+that cannot be read are skipped and counted, never a crash). Augmentation randomness is a function
+of (seed, epoch, sample index), so a run is reproducible whatever the number of loader workers,
+and resuming mid-epoch needs only the position in the epoch.
+"""
+import hashlib
+import math
+import os
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageFile
+from torch.utils.data import Dataset, Sampler
+
+__all__ = [
+    'DataError', 'SkipLog', 'build_datasets', 'collate_skipping', 'load_rgb', 'EpochSampler', 'SeededTransformDataset',
+]
+
+IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used as given; the message says what was expected."""
+
+
+def load_rgb(path: str) -> Image.Image:
+    """Open an image as 8-bit RGB: grey, palette, RGBA/LA (composited on white), CMYK and 16-bit or
+    float images are converted; raises on a file that is not a readable image."""
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    with Image.open(path) as img:
+        img.load()
+        return to_rgb(img)
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode in ('I;16', 'I;16B', 'I;16L', 'I;16N', 'I', 'F'):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = (0.0, 65535.0) if mode.startswith('I;16') else (float(arr.min()), float(arr.max()))
+        arr = np.clip((arr - lo) / max(hi - lo, 1e-12) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, 'L').convert('RGB')
+    if mode == 'P':
+        img = img.convert('RGBA') if 'transparency' in img.info else img.convert('RGB')
+        mode = img.mode
+    if mode in ('RGBA', 'LA', 'PA'):
+        rgba = img.convert('RGBA')
+        background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert('RGB')
+    return img.convert('RGB') if mode != 'RGB' else img
+
+
+class FolderDataset(Dataset):
+    """``root/<class>/<image>`` with sorted class folders; a file that cannot be decoded yields
+    None (counted by :func:`collate_skipping`) instead of an exception."""
+
+    def __init__(self, root: Path, classes: Optional[Sequence[str]] = None) -> None:
+        self.root = root
+        if classes is None:
+            classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith('.'))
+        self.classes = list(classes)
+        self.samples: List[Tuple[str, int]] = []
+        for label, name in enumerate(self.classes):
+            folder = root / name
+            if not folder.is_dir():
+                continue
+            for dirpath, _, files in sorted(os.walk(folder, followlinks=True)):
+                for f in sorted(files):
+                    if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith('.'):
+                        self.samples.append((os.path.join(dirpath, f), label))
+        self.targets = [t for _, t in self.samples]
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int) -> Tuple[Optional[Image.Image], int, str]:
+        path, target = self.samples[index]
+        try:
+            return load_rgb(path), target, path
+        except Exception:  # unreadable, truncated or not an image: skipped and reported, not fatal
+            return None, target, path
+
+
+class ArrayDataset(Dataset):
+    """Images held in memory as uint8 arrays (N, H, W) or (N, H, W, 3)."""
+
+    def __init__(self, images: np.ndarray, targets: np.ndarray, classes: Sequence[str]) -> None:
+        self.images, self.targets, self.classes = images, [int(t) for t in targets], list(classes)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def load(self, index: int) -> Tuple[Optional[Image.Image], int, str]:
+        arr = self.images[index]
+        img = Image.fromarray(arr, 'L' if arr.ndim == 2 else 'RGB').convert('RGB')
+        return img, self.targets[index], f'#{index}'
+
+
+class TimmDataset(Dataset):
+    """A timm dataset (``create_dataset``) whose samples are (PIL image, target)."""
+
+    def __init__(self, ds: Any) -> None:
+        self.ds = ds
+        self.classes = list(getattr(getattr(ds, 'reader', None), 'class_to_idx', {}) or [])
+        self.targets: Optional[List[int]] = None
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def load(self, index: int) -> Tuple[Optional[Image.Image], int, str]:
+        try:
+            img, target = self.ds[index]
+            return to_rgb(img), int(target), f'#{index}'
+        except Exception:
+            return None, -1, f'#{index}'
+
+
+def _sample_seed(*parts: int) -> int:
+    digest = hashlib.blake2b(','.join(str(p) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, 'little') & (2 ** 63 - 1)
+
+
+class SeededTransformDataset(Dataset):
+    """Applies a transform with every RNG (python, numpy, torch) seeded from (seed, epoch, index).
+
+    Returns (tensor, target) or (None, path) for a file that could not be read.
+    """
+
+    def __init__(self, base: Dataset, transform: Callable, seed: int = 0) -> None:
+        self.base, self.transform, self.seed = base, transform, seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int):
+        img, target, path = self.base.load(index)
+        if img is None:
+            return None, path
+        s = _sample_seed(self.seed, self.epoch, index)
+        random.seed(s)
+        np.random.seed(s % (2 ** 32))
+        torch.manual_seed(s)
+        return self.transform(img), target
+
+
+@dataclass
+class SkipLog:
+    """Files skipped because they could not be read (unique paths)."""
+    paths: Set[str] = field(default_factory=set)
+
+    def add(self, paths: Sequence[str]) -> None:
+        self.paths.update(paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def collate_skipping(batch):
+    """Stack the readable samples; return (images, targets, skipped paths)."""
+    good = [b for b in batch if b[0] is not None]
+    skipped = [b[1] for b in batch if b[0] is None]
+    if not good:
+        return None, None, skipped
+    images = torch.stack([b[0] for b in good])
+    targets = torch.tensor([b[1] for b in good], dtype=torch.long)
+    return images, targets, skipped
+
+
+class EpochSampler(Sampler[int]):
+    """A (distributed) sampler whose order is a function of (seed, epoch), that can start mid-epoch.
+
+    Each of ``world_size`` ranks takes every world_size-th index of the shuffled order (padded to
+    a multiple of the global batch when ``drop_last`` is False), from ``start`` on.
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int = 0, shuffle: bool = True, drop_last: bool = True,
+                 rank: int = 0, world_size: int = 1) -> None:
+        self.n, self.batch_size, self.seed, self.shuffle, self.drop_last = n, batch_size, seed, shuffle, drop_last
+        self.rank, self.world_size = rank, world_size
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start = epoch, start_batch * self.batch_size
+
+    def _order(self) -> List[int]:
+        if self.shuffle:
+            g = torch.Generator().manual_seed(_sample_seed(self.seed, self.epoch, -1))
+            order = torch.randperm(self.n, generator=g).tolist()
+        else:
+            order = list(range(self.n))
+        per_step = self.batch_size * self.world_size
+        if self.drop_last:
+            order = order[: (self.n // per_step) * per_step]
+        elif len(order) % per_step:
+            pad = per_step - len(order) % per_step
+            order = order + order[:pad] if self.shuffle else order + [-1] * pad
+        return order[self.rank::self.world_size]
+
+    def batches_per_epoch(self) -> int:
+        per_step = self.batch_size * self.world_size
+        return self.n // per_step if self.drop_last else math.ceil(self.n / per_step)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(i for i in self._order()[self.start:] if i >= 0)
+
+    def __len__(self) -> int:
+        return max(len([i for i in self._order() if i >= 0]) - self.start, 0)
+
+
+@dataclass
+class Datasets:
+    train: Dataset
+    val: Dataset
+    classes: List[str]
+    description: str
+    num_train: int
+    num_val: int
+    in_chans: int = 3
+    default_img_size: Optional[int] = None
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+
+def _digits(fraction: float, fraction_seed: int) -> Datasets:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.clip(digits.images / 16.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)  # (1797, 8, 8)
+    tr, va = train_test_split(np.arange(len(images)), test_size=0.25, random_state=0, stratify=digits.target)
+    tr = _subset(tr, digits.target[tr], fraction, fraction_seed)
+    classes = [str(c) for c in range(10)]
+    train = ArrayDataset(images[tr], digits.target[tr], classes)
+    val = ArrayDataset(images[va], digits.target[va], classes)
+    return Datasets(train, val, classes, f'scikit-learn digits: {len(tr)} train / {len(va)} held-out images, 8x8 grey',
+                    len(tr), len(va), default_img_size=16)
+
+
+def _subset(indices: np.ndarray, targets: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """A stratified ``fraction`` of ``indices`` (at least one sample per class)."""
+    if fraction >= 1.0:
+        return indices
+    if not 0.0 < fraction:
+        raise DataError(f'train fraction must be in (0, 1], got {fraction}')
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(targets):
+        members = indices[targets == c]
+        k = max(1, int(round(len(members) * fraction)))
+        keep.extend(rng.choice(members, size=k, replace=False).tolist())
+    return np.array(sorted(keep))
+
+
+def _image_folder(root: Path, fraction: float, fraction_seed: int) -> Datasets:
+    if not root.exists():
+        raise DataError(f'--data {root}: no such directory')
+    if not root.is_dir():
+        raise DataError(f'--data {root}: expected a directory with train/ and val/ subfolders, got a file')
+    train_dir, val_dir = root / 'train', root / 'val'
+    if not train_dir.is_dir() or not val_dir.is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())[:6]
+        raise DataError(f'--data {root}: expected train/ and val/ subfolders with one folder per class '
+                        f'(found {found or "no folders"})')
+    train = FolderDataset(train_dir)
+    if not train.classes:
+        raise DataError(f'{train_dir}: no class folders (expected {train_dir}/<class>/<image>)')
+    if len(train) == 0:
+        raise DataError(f'{train_dir}: no image files ({", ".join(IMG_EXTENSIONS)}) in its class folders')
+    val = FolderDataset(val_dir, classes=train.classes)
+    unknown = sorted(d.name for d in val_dir.iterdir() if d.is_dir() and d.name not in train.classes)
+    if unknown:
+        raise DataError(f'{val_dir}: class folders {unknown[:5]} do not exist in {train_dir}')
+    if len(val) == 0:
+        raise DataError(f'{val_dir}: no image files in its class folders')
+    if fraction < 1.0:
+        idx = _subset(np.arange(len(train)), np.array(train.targets), fraction, fraction_seed)
+        train.samples = [train.samples[i] for i in idx]
+        train.targets = [t for _, t in train.samples]
+    return Datasets(train, val, train.classes, f'{root}: {len(train)} train / {len(val)} val images, '
+                    f'{len(train.classes)} classes', len(train), len(val))
+
+
+def _timm_spec(spec: str, root: Optional[str]) -> Datasets:
+    from timm.data import create_dataset
+    try:
+        train = create_dataset(spec, root=root, split='train', is_training=True)
+        val = create_dataset(spec, root=root, split='validation' if spec.startswith(('tfds', 'hfds')) else 'val')
+    except Exception as e:
+        raise DataError(f'could not open timm dataset {spec!r}: {e}') from None
+    tr, va = TimmDataset(train), TimmDataset(val)
+    return Datasets(tr, va, tr.classes, f'timm dataset {spec}', len(tr), len(va))
+
+
+def build_datasets(data: Optional[str], fraction: float = 1.0, fraction_seed: int = 0) -> Datasets:
+    """``None`` or ``'digits'``: the embedded default; a directory: ImageFolder; ``name/...``: a timm spec."""
+    if data in (None, '', 'digits'):
+        return _digits(fraction, fraction_seed)
+    if '/' in data and data.split('/', 1)[0] in ('tfds', 'hfds', 'hfids', 'wds', 'torch') and not Path(data).exists():
+        spec, _, root = data.partition(':')
+        return _timm_spec(spec, root or None)
+    return _image_folder(Path(data).expanduser(), fraction, fraction_seed)

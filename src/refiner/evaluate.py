@@ -1,0 +1,106 @@
+"""``refiner eval``: accuracy of a run, a weights file or an original checkpoint on a dataset."""
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from torch.utils.data import DataLoader
+
+from .checkpoint import load_model
+from .data import DataError, EpochSampler, SeededTransformDataset, SkipLog, build_datasets, collate_skipping
+from .train import TrainingError, eval_transform, evaluate
+
+__all__ = ['evaluate_checkpoint', 'plot_confusion']
+
+
+def evaluate_checkpoint(checkpoint: str, data: Optional[str] = None, split: str = 'val', ema: bool = False,
+                        batch_size: int = 64, device: str = 'auto', workers: int = 0,
+                        progress: bool = True) -> Dict[str, Any]:
+    """Evaluate ``checkpoint`` (run directory, .safetensors written here, or original .pth) on
+    ``data`` (default: the run's dataset, else the embedded digits). Returns metrics and classes."""
+    dev = torch.device('cuda' if device == 'auto' and torch.cuda.is_available() else
+                       ('cpu' if device == 'auto' else device))
+    model, info = load_model(checkpoint, ema=ema, device=dev)
+    run_cfg = info.get('config') or {}
+    if data is None:
+        data = run_cfg.get('data')
+        if data is None and info['model_name'].startswith('refiner (original'):
+            raise DataError('an original checkpoint was trained on another dataset: give --data DIR')
+    fraction = 1.0  # evaluation always uses the whole split
+    datasets = build_datasets(data, fraction)
+    num_classes = getattr(model, 'num_classes', None)
+    classes = datasets.classes
+    if num_classes is not None and num_classes != len(classes):
+        raise DataError(f'the model has {num_classes} classes but {data or "digits"} has {len(classes)}')
+    if info.get('classes') and list(info['classes']) != list(classes):
+        raise DataError(f'the model was trained on classes {info["classes"][:5]}..., the dataset has {classes[:5]}...')
+    dc = info.get('data_config')
+    if dc is None:
+        pcfg = getattr(model, 'pretrained_cfg', {}) or {}
+        size = getattr(model, 'grid_size', (14, 14))[0] * getattr(model.patch_embed, 'patch_size', 16)
+        dc = dict(input_size=[3, size, size], mean=list(pcfg.get('mean', (0.5,) * 3)),
+                  std=list(pcfg.get('std', (0.5,) * 3)), crop_pct=pcfg.get('crop_pct', 0.9),
+                  interpolation=pcfg.get('interpolation', 'bicubic'))
+    tf = eval_transform(dc['input_size'][-1], tuple(dc['mean']), tuple(dc['std']), dc['crop_pct'], dc['interpolation'])
+    base = datasets.val if split == 'val' else datasets.train
+    ds = SeededTransformDataset(base, tf)
+    if len(ds) == 0:
+        raise DataError(f'the {split} split is empty')
+    sampler = EpochSampler(len(ds), batch_size, shuffle=False, drop_last=False)
+    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_skipping)
+    skips = SkipLog()
+    try:
+        res = evaluate(model, loader, dev, len(classes), skips=skips, progress=progress)
+    except TrainingError as e:
+        raise DataError(str(e)) from None
+    res.update(classes=classes, checkpoint=str(checkpoint), data=data or 'digits', split=split,
+               skipped_files=len(skips), skipped_paths=sorted(skips.paths)[:100])
+    return res
+
+
+def plot_confusion(confusion: Sequence[Sequence[int]], classes: List[str], path: str, title: str = '') -> Path:
+    """A row-normalised confusion matrix (true class × predicted class) as a PNG."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    cm = torch.tensor(confusion, dtype=torch.float64)
+    rates = (cm / cm.sum(1, keepdim=True).clamp_min(1)).numpy()
+    n = len(classes)
+    size = min(4 + 0.35 * n, 16)
+    fig, ax = plt.subplots(figsize=(size, size * 0.9))
+    im = ax.imshow(rates, cmap='Blues', vmin=0, vmax=1)
+    if n <= 30:
+        ax.set_xticks(range(n), classes, rotation=90 if n > 10 else 0)
+        ax.set_yticks(range(n), classes)
+        for i in range(n):
+            for j in range(n):
+                if cm[i, j] > 0:
+                    ax.text(j, i, int(cm[i, j]), ha='center', va='center', fontsize=8,
+                            color='white' if rates[i, j] > 0.5 else 'black')
+    ax.set_xlabel('predicted class')
+    ax.set_ylabel('true class')
+    ax.set_title(title or 'confusion matrix (counts; colour: share of the true class)')
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label='share of true class')
+    fig.tight_layout()
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def format_report(res: Dict[str, Any]) -> str:
+    lines = [f'{res["checkpoint"]} on {res["data"]} ({res["split"]}, {res["n"]} images): '
+             f'top-1 {res["top1"]:.2f}%, top-5 {res["top5"]:.2f}%, loss {res["loss"]:.4f}']
+    if res['skipped_files']:
+        lines.append(f'{res["skipped_files"]} unreadable file(s) skipped')
+    lines.append('per-class top-1:')
+    width = max(len(c) for c in res['classes'])
+    for c, acc, row in zip(res['classes'], res['per_class'], res['confusion']):
+        lines.append(f'  {c:>{width}}  {acc:6.2f}%  ({sum(row)} images)')
+    return '\n'.join(lines)
+
+
+def save_json(res: Dict[str, Any], path: str) -> None:
+    Path(path).write_text(json.dumps(res, indent=2) + '\n')

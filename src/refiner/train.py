@@ -1,0 +1,516 @@
+"""``refiner train``: the paper's (DeiT-style) recipe on timm's pipeline, one process or many (torchrun).
+
+Reproducibility and exact resume: every random draw is a function of counters, not of hidden
+state. The sampler's order is drawn from (seed, epoch); each sample's augmentation from (seed,
+epoch, index), whichever worker loads it; Mixup, MixToken, stochastic depth and dropout in the
+main process from (seed, step, rank), re-seeded before every step. A checkpoint therefore holds
+the model, EMA, optimizer, scheduler and loss-scaler states plus the counters (epoch, batch within
+the epoch, step), and a run killed at any moment and resumed from its last checkpoint replays the
+same batches with the same randomness: on CPU its final weights are bit-identical to an
+uninterrupted run's.
+
+Files (``--out DIR``): config.yaml (the resolved config), metrics.jsonl (one line per finished
+epoch), checkpoint.pt (the training state, written atomically at every epoch end and every
+``checkpoint_every`` steps), model.safetensors and model_ema.safetensors (final weights),
+summary.json (when the run ends). Only rank 0 writes.
+"""
+import difflib
+import json
+import math
+import os
+import random
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import timm
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+import yaml
+from timm.data import Mixup, create_transform
+from timm.data.mixup import mixup_target
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from .checkpoint import RunFiles, atomic_write_text, load_state, save_state, save_weights
+from .config import TrainConfig
+from .data import DataError, EpochSampler, SeededTransformDataset, SkipLog, build_datasets, collate_skipping
+
+__all__ = ['train', 'TrainingError', 'evaluate', 'eval_transform']
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot start or continue; the message says why."""
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed(device_name: str) -> Tuple[Dist, torch.device]:
+    world = int(os.environ.get('WORLD_SIZE', '1'))
+    rank, local_rank = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
+    if device_name == 'auto':
+        device_name = 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device_name.startswith('cuda'):
+        if not torch.cuda.is_available():
+            raise TrainingError('--device cuda: no CUDA device is available; use --device cpu')
+        device = torch.device('cuda', local_rank if world > 1 else torch.device(device_name).index or 0)
+        torch.cuda.set_device(device)
+    elif device_name == 'cpu':
+        device = torch.device('cpu')
+    else:
+        raise TrainingError(f"--device {device_name}: expected 'auto', 'cpu' or 'cuda[:N]'")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
+    return Dist(rank, world, local_rank), device
+
+
+def _seed_everything(*parts: int) -> None:
+    """Seed python, numpy and torch from a tuple of counters."""
+    s = hash(parts) & 0x7FFFFFFF
+    random.seed(s)
+    np.random.seed(s)
+    torch.manual_seed(s)
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+def eval_transform(img_size: int, mean, std, crop_pct: float, interpolation: str):
+    return create_transform(img_size, is_training=False, interpolation=interpolation, mean=mean, std=std,
+                            crop_pct=crop_pct)
+
+
+def _check_model_name(name: str) -> None:
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f' (did you mean {", ".join(close)}?)' if close else ''
+        raise TrainingError(f'--model {name}: not a timm model name{hint}')
+
+
+def _create_model(cfg: TrainConfig, num_classes: int, img_size: int) -> Tuple[nn.Module, Dict[str, Any]]:
+    args: Dict[str, Any] = dict(num_classes=num_classes, **cfg.model_args)
+    if cfg.drop_path:
+        args['drop_path_rate'] = cfg.drop_path
+    if cfg.token_labeling:
+        if not cfg.model.startswith('refiner_vit'):
+            raise TrainingError('token_labeling needs a Refiner-ViT model (it adds the per-token head)')
+        args['aux_head'] = True
+    try:
+        model = timm.create_model(cfg.model, img_size=img_size, **args)
+        args['img_size'] = img_size
+    except TypeError:  # models without an img_size argument (CNNs)
+        model = timm.create_model(cfg.model, **args)
+    return model, args
+
+
+class _TrainForward(nn.Module):
+    """What a training step calls (and DDP wraps): the Refiner's forward_train, or plain logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, mix_box: Optional[Tuple[int, int, int, int]], want_attn: bool) -> Dict[str, Any]:
+        if hasattr(self.model, 'forward_train'):
+            return self.model.forward_train(x, mix_box=mix_box, return_attn=want_attn)
+        return {'logits': self.model(x)}
+
+
+def _mix_token_box(h: int, w: int) -> Optional[Tuple[Tuple[int, int, int, int], float]]:
+    """A CutMix box on the h×w token grid with area ratio from λ ~ Beta(1, 1); returns (box, λ')
+    where λ' is the share of the image's own tokens."""
+    lam = np.random.beta(1.0, 1.0)
+    cut = math.sqrt(1.0 - lam)
+    ch, cw = int(h * cut), int(w * cut)
+    cy, cx = np.random.randint(h), np.random.randint(w)
+    top, bottom = int(np.clip(cy - ch // 2, 0, h)), int(np.clip(cy + ch // 2, 0, h))
+    left, right = int(np.clip(cx - cw // 2, 0, w)), int(np.clip(cx + cw // 2, 0, w))
+    area = (bottom - top) * (right - left)
+    if area == 0:
+        return None
+    return (top, left, bottom, right), 1.0 - area / (h * w)
+
+
+def _soft_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return torch.sum(-target * F.log_softmax(logits.float(), dim=-1), dim=-1).mean()
+
+
+def _attn_cos_reg(maps: List[torch.Tensor], pairs: int) -> torch.Tensor:
+    """Mean cosine similarity over the head axis between consecutive handed-on maps (first n pairs)."""
+    n = min(pairs, len(maps) - 1)
+    return sum(F.cosine_similarity(maps[i].float(), maps[i + 1].float(), dim=1).mean() for i in range(n)) / n
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, amp: str = 'none',
+             skips: Optional[SkipLog] = None, progress: bool = False) -> Dict[str, Any]:
+    """Loss, top-1/top-5 (percent), per-class accuracy and the confusion matrix; summed over ranks."""
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    top5 = torch.zeros((), dtype=torch.long)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp == 'bf16' else nullcontext()
+    for images, targets, skipped in tqdm(loader, desc='eval', leave=False, disable=not progress):
+        if skips is not None:
+            skips.add(skipped)
+        if images is None:
+            continue
+        images, targets = images.to(device), targets.to(device)
+        with ctx:
+            logits = model(images).float()
+        loss_sum += F.cross_entropy(logits, targets, reduction='sum').double().cpu()
+        pred = logits.argmax(-1)
+        confusion += torch.bincount(targets.cpu() * num_classes + pred.cpu(), minlength=num_classes ** 2).view(
+            num_classes, num_classes)
+        k = min(5, num_classes)
+        top5 += (logits.topk(k, dim=-1).indices == targets[:, None]).any(-1).sum().cpu()
+    for t in (confusion, top5, loss_sum):
+        _all_reduce(t)
+    n = int(confusion.sum())
+    if n == 0:
+        raise TrainingError('no evaluation image could be read')
+    per_class = (confusion.diag().double() / confusion.sum(1).clamp_min(1).double() * 100).tolist()
+    return {'top1': float(confusion.diag().sum()) / n * 100, 'top5': float(top5) / n * 100,
+            'loss': float(loss_sum) / n, 'n': n, 'per_class': per_class, 'confusion': confusion.tolist()}
+
+
+def _write_metrics(files: RunFiles, history: List[Dict[str, Any]]) -> None:
+    atomic_write_text(files.metrics, ''.join(json.dumps(h) + '\n' for h in history))
+
+
+def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str] = None,
+          progress: bool = True) -> Dict[str, Any]:
+    """Train (or resume) a run; returns the summary."""
+    if resume is not None:
+        files = RunFiles(resume)
+        if not Path(resume).is_dir():
+            raise TrainingError(f'--resume {resume}: no such directory')
+        if not files.config.is_file():
+            raise TrainingError(f'--resume {resume}: not a run directory (no config.yaml written by refiner train)')
+        try:
+            saved = yaml.safe_load(files.config.read_text())
+            keep = {'device': cfg.device, 'workers': cfg.workers}  # settings that do not change results
+            cfg = TrainConfig(**{**saved, **keep})
+        except Exception as e:
+            raise TrainingError(f'--resume {resume}: config.yaml is not a refiner training config ({e})') from None
+    else:
+        out = out or cfg.out or f'runs/{cfg.model}-{time.strftime("%Y%m%d-%H%M%S")}'
+        files = RunFiles(out)
+    cfg.validate()
+    ddp, device = _setup_distributed(cfg.device)
+    resuming = resume is not None and files.state.is_file()
+    if resume is not None and not resuming and ddp.main:
+        print(f'{resume}: no checkpoint was written yet; starting the run from the beginning', flush=True)
+    try:
+        return _Trainer(cfg, files, ddp, device, resuming, progress).run()
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class _Trainer:
+
+    def __init__(self, cfg: TrainConfig, files: RunFiles, ddp: Dist, device: torch.device, resuming: bool,
+                 progress: bool) -> None:
+        self.cfg, self.files, self.ddp, self.device, self.progress = cfg, files, ddp, device, progress and ddp.main
+        if cfg.amp == 'fp16' and device.type != 'cuda':
+            raise TrainingError('amp fp16 needs CUDA (loss scaling); use --amp bf16 on a CPU')
+        if files.root.exists() and not resuming and any(files.root.iterdir()):
+            if (files.state.is_file() or files.summary.is_file()) and files.root.is_dir():
+                raise TrainingError(f'--out {files.root} already holds a run; resume it with --resume {files.root} '
+                                    f'or choose another --out')
+        _check_model_name(cfg.model)
+        _seed_everything(cfg.seed, -1)
+
+        # data
+        self.data = build_datasets(cfg.data, cfg.train_fraction, cfg.seed)
+        self.num_classes = len(self.data.classes)
+        if self.num_classes < 2:
+            raise DataError(f'{self.data.description}: at least two classes are needed')
+        img_size = cfg.img_size or self.data.default_img_size
+        if img_size is None:
+            default = timm.models.get_pretrained_cfg_value(cfg.model, 'input_size')
+            img_size = default[-1] if default else 224
+        self.img_size = img_size
+        self.model, self.model_args = _create_model(cfg, self.num_classes, img_size)
+        self.model.to(device)
+        pcfg = getattr(self.model, 'pretrained_cfg', {}) or {}
+        mean = tuple(cfg.mean or pcfg.get('mean', (0.485, 0.456, 0.406)))
+        std = tuple(cfg.std or pcfg.get('std', (0.229, 0.224, 0.225)))
+        crop_pct = cfg.crop_pct or pcfg.get('crop_pct', 0.875)
+        self.data_config = dict(input_size=[3, img_size, img_size], mean=list(mean), std=list(std), crop_pct=crop_pct,
+                                interpolation=cfg.interpolation)
+        train_tf = create_transform(
+            img_size, is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
+            color_jitter=0.0, auto_augment=cfg.aa, interpolation=cfg.train_interpolation, mean=mean, std=std,
+            re_prob=cfg.reprob, re_mode=cfg.remode, re_count=1)
+        val_tf = eval_transform(img_size, mean, std, crop_pct, cfg.interpolation)
+        self.train_set = SeededTransformDataset(self.data.train, train_tf, cfg.seed)
+        self.val_set = SeededTransformDataset(self.data.val, val_tf, cfg.seed)
+        per_step = cfg.batch_size * ddp.world_size
+        if self.data.num_train < per_step:
+            raise DataError(f'the batch ({cfg.batch_size} x {ddp.world_size} process(es) = {per_step} images) is '
+                            f'larger than the {self.data.num_train} training images: lower --batch-size')
+        self.sampler = EpochSampler(self.data.num_train, cfg.batch_size, cfg.seed, shuffle=True, drop_last=True,
+                                    rank=ddp.rank, world_size=ddp.world_size)
+        self.val_sampler = EpochSampler(self.data.num_val, cfg.batch_size, cfg.seed, shuffle=False, drop_last=False,
+                                        rank=ddp.rank, world_size=ddp.world_size)
+        self.steps_per_epoch = self.sampler.batches_per_epoch()
+        self.skips = SkipLog()
+
+        # optimisation: the DeiT recipe on timm's factories
+        self.lr = cfg.lr * per_step / cfg.lr_base_size
+        self.optimizer = create_optimizer_v2(self.model, cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay,
+                                             eps=cfg.opt_eps)
+        self.scheduler, self.total_epochs = create_scheduler_v2(
+            self.optimizer, sched='cosine', num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, cooldown_epochs=cfg.cooldown_epochs,
+            step_on_epochs=False, updates_per_epoch=self.steps_per_epoch)
+        self.mixup = None
+        if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0:
+            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                               switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
+                               num_classes=self.num_classes)
+        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema else None
+        self.scaler = torch.amp.GradScaler('cuda') if cfg.amp == 'fp16' else None
+        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == 'bf16' else torch.float16)
+                         if cfg.amp != 'none' else nullcontext())
+        if cfg.attn_cos_reg > 0 and not hasattr(self.model, 'forward_train'):
+            raise TrainingError('attn_cos_reg needs a Refiner-ViT model (it reads the handed-on attention maps)')
+        self.step_module: nn.Module = _TrainForward(self.model)
+        if ddp.world_size > 1:
+            self.step_module = nn.parallel.DistributedDataParallel(
+                self.step_module, device_ids=[device.index] if device.type == 'cuda' else None)
+
+        # state
+        self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
+        self.history: List[Dict[str, Any]] = []
+        if resuming:
+            self._load()
+        elif ddp.main:
+            files.root.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(files.config, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+    # -- state ------------------------------------------------------------------------------
+    def _state(self) -> Dict[str, Any]:
+        return {
+            'format': 'refiner-train-state', 'version': 1,
+            'epoch': self.epoch, 'batch_in_epoch': self.batch_in_epoch, 'global_step': self.global_step,
+            'model': self.model.state_dict(),
+            'ema': self.ema.module.state_dict() if self.ema is not None else None,
+            'optimizer': self.optimizer.state_dict(),
+            'scheduler': self.scheduler.state_dict(),
+            'scaler': self.scaler.state_dict() if self.scaler is not None else None,
+            'history': json.dumps(self.history),
+            'skipped': sorted(self.skips.paths),
+            'world_size': self.ddp.world_size,
+        }
+
+    def _save(self) -> None:
+        if self.ddp.main:
+            save_state(self._state(), self.files.state)
+
+    def _load(self) -> None:
+        state = load_state(self.files.state)
+        if state.get('format') != 'refiner-train-state':
+            raise TrainingError(f'{self.files.state} is not a refiner training state')
+        if state['world_size'] != self.ddp.world_size:
+            raise TrainingError(f'the run was trained with {state["world_size"]} process(es); resume it with the same '
+                                f'number (got {self.ddp.world_size}) to keep the batches identical')
+        self.model.load_state_dict(state['model'])
+        if self.ema is not None and state['ema'] is not None:
+            self.ema.module.load_state_dict(state['ema'])
+        self.optimizer.load_state_dict(state['optimizer'])
+        self.scheduler.load_state_dict(state['scheduler'])
+        if self.scaler is not None and state['scaler'] is not None:
+            self.scaler.load_state_dict(state['scaler'])
+        self.epoch, self.batch_in_epoch = state['epoch'], state['batch_in_epoch']
+        self.global_step = state['global_step']
+        self.history = json.loads(state['history'])
+        self.skips.add(state['skipped'])
+        if self.ddp.main:
+            _write_metrics(self.files, self.history)
+
+    # -- loop -------------------------------------------------------------------------------
+    def _loader(self, dataset: SeededTransformDataset, sampler: EpochSampler) -> DataLoader:
+        return DataLoader(dataset, batch_size=self.cfg.batch_size, sampler=sampler, num_workers=self.cfg.workers,
+                          collate_fn=collate_skipping, pin_memory=self.device.type == 'cuda', drop_last=False)
+
+    def _loss(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        cfg = self.cfg
+        if self.mixup is not None:
+            images, soft = self.mixup(images, targets)
+        else:
+            soft = mixup_target(targets, self.num_classes, lam=1.0, smoothing=cfg.smoothing)
+        mix_box, own = None, 1.0
+        if cfg.mix_token:
+            p = self.model.patch_embed.patch_size
+            box = _mix_token_box(images.shape[-2] // p, images.shape[-1] // p)
+            if box is not None:
+                mix_box, own = box
+        with self.autocast:
+            out = self.step_module(images, mix_box, cfg.attn_cos_reg > 0)
+        cls_target = soft if mix_box is None else own * soft + (1 - own) * soft.flip(0)
+        loss = _soft_ce(out['logits'], cls_target)
+        if 'aux_logits' in out:  # token labeling: every token's target is its image's label
+            aux = out['aux_logits'].float()
+            loss = loss + cfg.dense_weight * torch.sum(-soft[:, None] * F.log_softmax(aux, -1), -1).mean()
+        if cfg.attn_cos_reg > 0:
+            loss = loss + cfg.attn_cos_reg * _attn_cos_reg(out['attn'], cfg.attn_cos_pairs)
+        return loss
+
+    def _step(self, images: torch.Tensor, targets: torch.Tensor) -> float:
+        cfg = self.cfg
+        if images.shape[0] % 2 and self.mixup is not None:  # a skipped file left an odd batch
+            images, targets = images[:-1], targets[:-1]
+        _seed_everything(cfg.seed, self.global_step, self.ddp.rank)
+        self.model.train()
+        loss = self._loss(images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True))
+        bad = _all_reduce(torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=self.device))
+        if bad.item() > 0:
+            raise TrainingError(
+                f'the loss became {loss.item()} at step {self.global_step} (epoch {self.epoch + 1}); the run '
+                f'stopped and kept its last good checkpoint in {self.files.state}. Lower --lr, enable clip_grad, '
+                f'or check the data')
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            if cfg.clip_grad:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            if cfg.clip_grad:
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.clip_grad)
+            self.optimizer.step()
+        self.global_step += 1
+        self.scheduler.step_update(num_updates=self.global_step)
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+        return loss.item()
+
+    def run(self) -> Dict[str, Any]:
+        cfg, files = self.cfg, self.files
+        if self.epoch >= self.total_epochs:
+            raise TrainingError(f'{files.root}: this run already finished; its results are in {files.summary}')
+        if self.ddp.main:
+            params = sum(p.numel() for p in self.model.parameters())
+            print(f'{cfg.model} ({params / 1e6:.2f}M parameters) on {self.data.description}; '
+                  f'{self.total_epochs} epochs x {self.steps_per_epoch} steps, batch {cfg.batch_size} x '
+                  f'{self.ddp.world_size}, lr {self.lr:.3g}, '
+                  f'{self.device}' + (f', resuming at epoch {self.epoch + 1} step {self.global_step}'
+                                      if self.global_step else '') + f'; run directory {files.root}', flush=True)
+        total_steps = self.total_epochs * self.steps_per_epoch
+        bar = tqdm(total=total_steps, initial=self.global_step, unit='step', disable=not self.progress,
+                   dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr)
+        start_wall = time.time()
+        while self.epoch < self.total_epochs:
+            self.train_set.set_epoch(self.epoch)
+            self.sampler.set_epoch(self.epoch, self.batch_in_epoch)
+            loss_sum, seen, t0 = 0.0, 0, time.time()
+            for images, targets, skipped in self._loader(self.train_set, self.sampler):
+                self.skips.add(skipped)
+                if images is None or images.shape[0] < 2:
+                    continue
+                loss = self._step(images, targets)
+                self.batch_in_epoch += 1
+                loss_sum += loss * images.shape[0]
+                seen += images.shape[0]
+                rate = seen * self.ddp.world_size / max(time.time() - t0, 1e-9)
+                bar.set_description(f'epoch {self.epoch + 1}/{self.total_epochs}', refresh=False)
+                lr = self.optimizer.param_groups[0]['lr']
+                bar.set_postfix(loss=f'{loss:.3f}', img_s=f'{rate:.0f}', lr=f'{lr:.2e}', refresh=False)
+                bar.update(1)
+                if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
+                    self._save()
+            train_time = time.time() - t0
+            sums = _all_reduce(torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=self.device)).cpu()
+            record = {'epoch': self.epoch + 1, 'train_loss': float(sums[0] / max(sums[1], 1)),
+                      'lr': self.optimizer.param_groups[0]['lr'],
+                      'images_per_s': float(sums[1]) / max(train_time, 1e-9), 'train_time_s': train_time}
+            if (self.epoch + 1) % self.cfg.eval_every == 0 or self.epoch + 1 == self.total_epochs:
+                record.update(self._evaluate())
+            record['wall_time_s'] = time.time() - start_wall
+            self.history.append(record)
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+            if self.epoch % cfg.checkpoint_epochs == 0 or self.epoch == self.total_epochs:
+                self._save()
+            if self.ddp.main:
+                _write_metrics(files, self.history)
+                bar.write(f'epoch {record["epoch"]}: loss {record["train_loss"]:.4f}'
+                          + (f', top-1 {record["top1"]:.2f}%' if 'top1' in record else '')
+                          + (f' (EMA {record["ema_top1"]:.2f}%)' if 'ema_top1' in record else '')
+                          + f', {record["images_per_s"]:.0f} img/s')
+        bar.close()
+        return self._finish()
+
+    def _evaluate(self) -> Dict[str, Any]:
+        loader = self._loader(self.val_set, self.val_sampler)
+        res = evaluate(self.model, loader, self.device, self.num_classes, self.cfg.amp, self.skips)
+        out = {'top1': res['top1'], 'top5': res['top5'], 'eval_loss': res['loss']}
+        if self.ema is not None:
+            ema = evaluate(self.ema.module, loader, self.device, self.num_classes, self.cfg.amp, self.skips)
+            out.update(ema_top1=ema['top1'], ema_top5=ema['top5'], ema_eval_loss=ema['loss'])
+        return out
+
+    def _finish(self) -> Dict[str, Any]:
+        files, last = self.files, self.history[-1]
+        skipped = _gather_paths(self.skips)
+        summary = {
+            'model': self.cfg.model, 'params': sum(p.numel() for p in self.model.parameters()),
+            'top1': last['top1'], 'top5': last['top5'], 'eval_loss': last['eval_loss'],
+            'epochs': len(self.history), 'steps': self.global_step,
+            'images_per_s': sum(h['images_per_s'] * h['train_time_s'] for h in self.history)
+            / max(sum(h['train_time_s'] for h in self.history), 1e-9),
+            'train_time_s': sum(h['train_time_s'] for h in self.history),
+            'skipped_files': len(skipped), 'skipped_paths': skipped[:100],
+            'num_train': self.data.num_train, 'num_val': self.data.num_val, 'world_size': self.ddp.world_size,
+        }
+        if 'ema_top1' in last:
+            summary.update(ema_top1=last['ema_top1'], ema_top5=last['ema_top5'])
+        if self.ddp.main:
+            extra = {'data_config': self.data_config, 'classes': self.data.classes}
+            save_weights(self.model, files.weights, self.cfg.model, self.model_args, extra)
+            if self.ema is not None:
+                save_weights(self.ema.module, files.ema_weights, self.cfg.model, self.model_args, extra)
+            atomic_write_text(files.summary, json.dumps(summary, indent=2) + '\n')
+            line = f'done: top-1 {summary["top1"]:.2f}%, top-5 {summary["top5"]:.2f}%'
+            if 'ema_top1' in summary:
+                line += f' (EMA top-1 {summary["ema_top1"]:.2f}%)'
+            line += f' on {self.data.num_val} held-out images; {summary["images_per_s"]:.0f} img/s'
+            if skipped:
+                line += f'; {len(skipped)} unreadable file(s) skipped (listed in summary.json)'
+            print(f'{line}\nresults: {files.root}/ (summary.json, metrics.jsonl, model.safetensors)', flush=True)
+        return summary
+
+
+def _gather_paths(skips: SkipLog) -> List[str]:
+    paths = sorted(skips.paths)
+    if dist.is_available() and dist.is_initialized():
+        gathered: List[Optional[List[str]]] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, paths)
+        paths = sorted({p for part in gathered for p in (part or [])})
+    return paths

@@ -1,0 +1,79 @@
+"""refiner bench runs and reports; ONNX and TorchScript exports round-trip."""
+import json
+import subprocess
+import sys
+
+import onnxruntime  # noqa: F401  (the export extra must be installed)
+import pytest
+import timm
+import torch
+
+import refiner
+from refiner.export import check_onnx, check_torchscript, export_onnx, export_torchscript, prepare
+
+ENV_ARGS = dict(capture_output=True, text=True, timeout=600)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, '-W', 'ignore', '-m', 'refiner', *map(str, args)], **ENV_ARGS)
+
+
+def test_bench_tiny_configuration(tmp_path):
+    out = tmp_path / 'bench.json'
+    res = _cli('bench', '--model', 'refiner_vit_nano', '--img-size', '32', '--batch-size', '2', '--train',
+               '--reference', 'vit_tiny_patch16_224', '--rounds', '1', '--steps', '1', '--warmup', '1', '--json', out)
+    assert res.returncode == 0, res.stderr
+    assert '| refiner_vit_nano | infer (fused) |' in res.stdout and 'GEMM roofline' in res.stdout
+    report = json.loads(out.read_text())
+    rows = {(r['config']['model'], r['config']['mode']): r for r in report['rows']}
+    assert set(rows) == {('refiner_vit_nano', 'infer'), ('refiner_vit_nano', 'train'),
+                         ('vit_tiny_patch16_224', 'infer'), ('vit_tiny_patch16_224', 'train')}
+    for (model, _mode), row in rows.items():
+        assert 'error' not in row, row
+        assert row['images_per_s'] > 0 and row['peak_mem_mb'] > 0 and row['gflops_per_image'] > 0
+        assert 0 < row['roofline_fraction'] < 10
+        if model == 'refiner_vit_nano':
+            assert row['speed_ratio'] > 0 and row['mem_ratio'] > 0
+    assert rows[('refiner_vit_nano', 'infer')]['fused_max_rel_diff'] <= 1e-5  # fused == unfused
+
+
+def _random_bn(model):
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-.1, .1)
+            m.running_var.uniform_(.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize('fuse', [True, False])
+def test_onnx_round_trip_dynamic_batch(tmp_path, fuse):
+    model = prepare(_random_bn(timm.create_model('refiner_vit_nano', num_classes=7)), fuse=fuse)
+    path = export_onnx(model, str(tmp_path / 'm.onnx'), img_size=32, opset=18)
+    errs = check_onnx(str(path), model, 32, batches=(1, 3, 5))
+    assert max(errs.values()) <= 1e-4, errs
+    import onnx
+    assert onnx.load(str(path)).opset_import[0].version >= 17
+
+
+def test_torchscript_round_trip(tmp_path):
+    model = prepare(_random_bn(timm.create_model('refiner_vit_nano', num_classes=7)))
+    path = export_torchscript(model, str(tmp_path / 'm.pt'))
+    assert max(check_torchscript(str(path), model, 32).values()) <= 1e-5
+
+
+def test_export_cli_from_an_original_checkpoint(tmp_path):
+    res = _cli('export', tmp_path / 'orig.onnx', '--checkpoint', 'tests/data/official_tiny.pt', '--format', 'onnx')
+    assert res.returncode == 0, res.stderr
+    assert 'max relative difference' in res.stdout
+    fixture = torch.load('tests/data/official_tiny.pt', weights_only=True)
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(tmp_path / 'orig.onnx'), providers=['CPUExecutionProvider'])
+    out = sess.run(None, {sess.get_inputs()[0].name: fixture['input'].numpy()})[0]
+    err = (torch.from_numpy(out) - fixture['logits']).abs().max() / fixture['logits'].abs().max()
+    assert err <= 1e-4  # the exported file reproduces the authors' model
+
+
+def test_export_errors(tmp_path):
+    res = _cli('export', tmp_path / 'x.onnx', '--model', 'not_a_model', '--format', 'onnx')
+    assert res.returncode == 1 and 'not a timm model name' in res.stderr and 'Traceback' not in res.stderr
+    assert refiner  # imported for registration
