@@ -18,9 +18,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .checkpoint import RunFiles, atomic_write_text
+from .checkpoint import RunFiles
 from .config import TrainConfig, apply_overrides, load_recipe
 from .data import build_datasets
+from .fileio import atomic_write_text
 from .train import train
 
 __all__ = ['run_ablation', 'MODELS']

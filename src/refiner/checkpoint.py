@@ -1,21 +1,20 @@
-"""Files a run writes and reads back: atomic saves, weights with metadata, and loading any model file.
+"""Files a run writes and reads back: training states, weights with metadata, loading any model file.
 
-Nothing here leaves a partial file behind: every write goes to a temporary file in the same
-folder, is fsync'ed, then renamed over the target (atomic on POSIX), and the folder is fsync'ed.
+Every write is atomic (:mod:`refiner.fileio`): a failure never leaves a partial file behind.
 """
 import json
 import os
-import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 import timm
 import torch
 from safetensors import safe_open
 
 from .convert import CheckpointError, load_official, read_checkpoint, save_safetensors
+from .fileio import atomic_write
 
-__all__ = ['atomic_write', 'save_state', 'load_state', 'save_weights', 'load_model', 'RunFiles']
+__all__ = ['save_state', 'load_state', 'save_weights', 'load_model', 'RunFiles']
 
 PathLike = Union[str, os.PathLike]
 
@@ -34,44 +33,6 @@ class RunFiles:
 
     def is_run(self) -> bool:
         return self.config.is_file() and (self.state.is_file() or self.weights.is_file())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: PathLike, write: Callable[[str], None]) -> Path:
-    """Call ``write(tmp_path)``, fsync, then rename onto ``path``; on any failure the old file stays."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        with open(tmp, 'rb') as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-    return path
-
-
-def atomic_write_text(path: PathLike, text: str) -> Path:
-    def write(tmp: str) -> None:
-        with open(tmp, 'w') as f:
-            f.write(text)
-    return atomic_write(path, write)
 
 
 def save_state(state: Dict[str, Any], path: PathLike) -> Path:

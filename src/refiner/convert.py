@@ -9,13 +9,13 @@ layer scale (exact: a power of two), so that the converted model's outputs equal
 """
 import json
 import os
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
 
+from .fileio import atomic_write
 from .models.refiner_vit import RefinerViT
 
 __all__ = [
@@ -241,22 +241,10 @@ def _load_checked(model: torch.nn.Module, state_dict: StateDict) -> None:
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], dst: Union[str, os.PathLike],
                      metadata: Optional[Dict[str, str]] = None) -> Path:
-    """Write safetensors atomically: a temporary file in the same folder, fsync, rename."""
+    """Write safetensors atomically (see :mod:`refiner.fileio`)."""
     from safetensors.torch import save_file
-    dst = Path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f'.{dst.name}.', suffix='.tmp', dir=dst.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, 'rb') as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, dst)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return dst
+    return atomic_write(dst, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def convert_checkpoint(

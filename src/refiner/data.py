@@ -26,6 +26,7 @@ from torch.utils.data import Dataset, Sampler
 
 __all__ = [
     'DataError', 'SkipLog', 'build_datasets', 'collate_skipping', 'load_rgb', 'EpochSampler', 'SeededTransformDataset',
+    'safe_posterize',
 ]
 
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
@@ -59,6 +60,27 @@ def to_rgb(img: Image.Image) -> Image.Image:
         background = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert('RGB')
     return img.convert('RGB') if mode != 'RGB' else img
+
+
+def _posterize(img: Image.Image, bits_to_keep: int, **_) -> Image.Image:
+    """Posterize that also accepts 0 bits (a black image), as Pillow < 13 did; timm's RandAugment
+    'increasing' posterize asks for 0 bits at high magnitudes, which Pillow 13 rejects."""
+    from PIL import ImageOps
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep < 1:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def safe_posterize(transform: Callable) -> Callable:
+    """Give every posterize op of a timm RandAugment / AutoAugment in ``transform`` the tolerant
+    version above (in place; returns the transform)."""
+    for t in getattr(transform, 'transforms', [transform]):
+        for op in list(getattr(t, 'ops', [])) + [o for policy in getattr(t, 'policy', []) for o in policy]:
+            if 'Posterize' in getattr(op, 'name', ''):
+                op.aug_fn = _posterize
+    return transform
 
 
 class FolderDataset(Dataset):

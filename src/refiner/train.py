@@ -41,9 +41,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from .checkpoint import RunFiles, atomic_write_text, load_state, save_state, save_weights
+from .checkpoint import RunFiles, load_state, save_state, save_weights
 from .config import TrainConfig
-from .data import DataError, EpochSampler, SeededTransformDataset, SkipLog, build_datasets, collate_skipping
+from .data import (
+    DataError,
+    EpochSampler,
+    SeededTransformDataset,
+    SkipLog,
+    build_datasets,
+    collate_skipping,
+    safe_posterize,
+)
+from .fileio import atomic_write_text
 
 __all__ = ['train', 'TrainingError', 'evaluate', 'eval_transform']
 
@@ -265,6 +274,7 @@ class _Trainer:
             img_size, is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
             color_jitter=0.0, auto_augment=cfg.aa, interpolation=cfg.train_interpolation, mean=mean, std=std,
             re_prob=cfg.reprob, re_mode=cfg.remode, re_count=1)
+        safe_posterize(train_tf)
         val_tf = eval_transform(img_size, mean, std, crop_pct, cfg.interpolation)
         self.train_set = SeededTransformDataset(self.data.train, train_tf, cfg.seed)
         self.val_set = SeededTransformDataset(self.data.val, val_tf, cfg.seed)

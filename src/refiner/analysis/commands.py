@@ -275,7 +275,7 @@ def _finite(obj: Any) -> Any:
 
 
 def _write_json(path: Path, obj: Any) -> Path:
-    from ..checkpoint import atomic_write_text
+    from ..fileio import atomic_write_text
     return atomic_write_text(path, json.dumps(_finite(obj), indent=2, allow_nan=False) + '\n')
 
 
