@@ -169,6 +169,13 @@ def test_bad_input_gets_a_clear_error(bad, match):
         _tiny()(bad)
 
 
+def test_refine_mode_per_block():
+    model = _tiny(refine_mode=['inverted_residual', 'linear', 'conv', 'inverted_residual', 'conv', 'linear']).eval()
+    assert [b.attn.refine.mode for b in model.blocks if b.attn.refine is not None] == ['linear', 'inverted_residual',
+                                                                                      'linear']
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 1000)
+
+
 def test_bad_config_gets_a_clear_error():
     with pytest.raises(ValueError, match='first block cannot refine'):
         RefinerViT(depth=2, refine_blocks=[True, False], img_size=32, patch_size=4, embed_dim=32, num_heads=2)

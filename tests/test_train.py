@@ -196,6 +196,25 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
     assert all(torch.isfinite(v).all() for v in state['model'].values() if v.is_floating_point())
 
 
+def test_a_failing_save_leaves_the_last_checkpoint_intact(tmp_path, monkeypatch):
+    """A write that fails (disk full, kill) must not corrupt what was there: temp file, fsync, rename."""
+    from refiner.checkpoint import load_state, save_state
+    path = tmp_path / 'checkpoint.pt'
+    save_state({'global_step': 1, 'w': torch.ones(3)}, path)
+
+    def disk_full(obj, f, *args, **kwargs):
+        with open(f, 'wb') as fh:
+            fh.write(b'partial')
+        raise OSError(28, 'No space left on device')
+
+    monkeypatch.setattr(torch, 'save', disk_full)
+    with pytest.raises(OSError, match='No space left'):
+        save_state({'global_step': 2, 'w': torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert load_state(path)['global_step'] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ['checkpoint.pt']  # no temporary file left behind
+
+
 def test_token_labeling_mixtoken_and_attention_regulariser(tmp_path):
     cfg = apply_overrides(load_recipe('default'), dict(
         epochs=1, batch_size=16, train_fraction=0.2, token_labeling=True, mix_token=True, attn_cos_reg=0.1,

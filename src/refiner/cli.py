@@ -131,6 +131,7 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
     p.add_argument('--models', nargs='+', default=['refiner', 'vit'], choices=['refiner', 'vit', 'convstem_vit'])
     p.add_argument('--config', help="recipe of the Refiner arm (default: 'default' on digits)")
+    p.add_argument('--epochs', type=int, help="the full-data run's epochs (the budget; default: the recipe's)")
     p.add_argument('--out', default='runs/ablate')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override any config key')
     p.add_argument('--no-progress', action='store_true')
@@ -141,8 +142,11 @@ def _ablate(args: argparse.Namespace) -> int:
     from .config import parse_set
     if any(not 0 < f <= 1 for f in args.fractions):
         raise UsageError(f'--fractions must lie in (0, 1], got {args.fractions}')
-    report = run_ablation(args.data, args.fractions, args.seeds, args.out, args.models, args.config,
-                          parse_set(args.set), progress=not args.no_progress)
+    overrides = parse_set(args.set)
+    if args.epochs:
+        overrides['epochs'] = args.epochs
+    report = run_ablation(args.data, args.fractions, args.seeds, args.out, args.models, args.config, overrides,
+                          progress=not args.no_progress)
     print(report['table'])
     print(f'results: {args.out}/ablation.json, ablation.md, ablation.png')
     return 0

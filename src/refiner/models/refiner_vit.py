@@ -127,7 +127,7 @@ class RefinerBlock(nn.Module):
             qkv_bias: bool = True,
             reuse_attn: bool = False,
             refine: bool = False,
-            refine_mode: str = 'inverted_residual',
+            refine_mode: Union[str, Sequence[str]] = 'inverted_residual',
             expansion_ratio: int = 3,
             refine_kernel_size: int = 3,
             init_values: Optional[float] = 1e-5,
@@ -208,7 +208,8 @@ class RefinerViT(nn.Module):
         qkv_bias: bias on q, k, v.
         refine_blocks: per block, True for a refining block (reuses the previous block's map);
             default alternates attention and refining blocks, as the released models do.
-        refine_mode: form of the refinement, see :class:`DistributedLocalAttention`.
+        refine_mode: form of the refinement, see :class:`DistributedLocalAttention`; one for all
+            blocks, or one per block (entries of non-refining blocks are ignored).
         expansion_ratio: attention expansion r (H' = r·H).
         refine_kernel_size: k of the distributed local attention.
         init_values: MLP layer-scale init (None: no layer scale).
@@ -254,6 +255,9 @@ class RefinerViT(nn.Module):
         if refine_blocks is None:
             refine_blocks = [i % 2 == 1 for i in range(depth)]
         refine_blocks = [bool(r) for r in refine_blocks]
+        modes = [refine_mode] * depth if isinstance(refine_mode, str) else list(refine_mode)
+        if len(modes) != depth:
+            raise ValueError(f'refine_mode has {len(modes)} entries for depth {depth}')
         if len(refine_blocks) != depth:
             raise ValueError(f'refine_blocks has {len(refine_blocks)} entries for depth {depth}')
         if depth and refine_blocks[0]:
@@ -275,7 +279,7 @@ class RefinerViT(nn.Module):
         self.blocks = nn.ModuleList([
             RefinerBlock(
                 embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, reuse_attn=refine_blocks[i],
-                refine_mode=refine_mode, expansion_ratio=expansion_ratio, refine_kernel_size=refine_kernel_size,
+                refine_mode=modes[i], expansion_ratio=expansion_ratio, refine_kernel_size=refine_kernel_size,
                 init_values=init_values, norm_eps=block_norm_eps, proj_drop=proj_drop_rate,
                 attn_drop=attn_drop_rate, drop_path=dpr[i])
             for i in range(depth)])
