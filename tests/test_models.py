@@ -219,6 +219,16 @@ def test_torch_compile():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
 
 
+def test_no_graph_breaks_for_torch_compile():
+    """torch.compile sees the reference code in one graph, in training and in eval."""
+    model = RefinerViT(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+    x = torch.randn(2, 3, 16, 16)
+    for train in (True, False):
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(model.train(train))(x)
+        assert explanation.graph_break_count == 0, explanation.break_reasons
+
+
 def test_reparameterize_keeps_outputs():
     model = _tiny(num_classes=5).eval()
     for m in model.modules():  # non-trivial BatchNorm statistics

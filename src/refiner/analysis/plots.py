@@ -202,7 +202,7 @@ def plot_attention_grid(image: Any, maps: Mapping[str, torch.Tensor], query_inde
         else:
             norm, cmap = Normalize(vmin=0.0, vmax=max(hi, 1e-12)), 'viridis'
         stage_axes = []
-        note = ' [diverging scale: < 0 possible]' if diverging else ''
+        note = ' (< 0 possible)' if diverging else ''
         for j in range(rows.shape[0]):
             ax = fig.add_subplot(gs[r0 + j // ncols, j % ncols])
             stage_axes.append(ax)

@@ -33,6 +33,7 @@ from timm.layers import register_notrace_module
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from .fused import eager_mode
 from .norm import BatchNorm2d
 
 __all__ = ['DistributedLocalAttention', 'REFINE_MODES']
@@ -51,10 +52,9 @@ def _expand(attn: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 def _reduce(t: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """1×1 convolution across heads of a channels-last map, (B, H', N, M) -> (B, H, N, M) head-major."""
     B, E, N, M = t.shape
-    x = t.permute(0, 2, 3, 1).reshape(B, N * M, E)  # a view when t is channels-last
-    out = torch.matmul(weight.flatten(1), x.transpose(1, 2))  # (B, H, N·M)
-    if bias is not None:
-        out = out + bias.view(1, -1, 1)
+    x = t.permute(0, 2, 3, 1).reshape(B, N * M, E).transpose(1, 2)  # (B, H', N·M), views when t is channels-last
+    w = weight.flatten(1).expand(B, -1, -1)  # (B, H, H')
+    out = torch.bmm(w, x) if bias is None else torch.baddbmm(bias.view(1, -1, 1), w, x)  # (B, H, N·M)
     return out.view(B, -1, N, M)
 
 
@@ -135,19 +135,24 @@ class DistributedLocalAttention(nn.Module):
             t = self.act(self.expand_norm(t))
             t = self.act(self.local_norm(self.local(t)))  # depthwise k×k, stays channels-last
             out = self.reduce_norm(_reduce(t, self.reduce.weight, self.reduce.bias))  # (B, H, N, M)
-        if self.residual:
+        if self.residual:  # in place: out is a fresh tensor that no backward needs
             if self.residual_scale is not None:
-                out = torch.addcmul(out, attn, self.residual_scale.view(1, -1, 1, 1))
+                out = out.addcmul_(attn, self.residual_scale.view(1, -1, 1, 1))
             else:
-                out = out + attn
+                out = out.add_(attn)
         return out
 
     @torch.jit.unused
     def _forward_recompute(self, attn: torch.Tensor) -> torch.Tensor:
         return checkpoint(self._refine, attn, use_reentrant=False)
 
+    @torch.jit.unused
+    def _recompute_applies(self, attn: torch.Tensor) -> bool:
+        # under torch.compile / export the compiler plans recomputation itself
+        return self.recompute and self.training and torch.is_grad_enabled() and eager_mode(attn)
+
     def forward(self, attn: torch.Tensor) -> torch.Tensor:
-        if not torch.jit.is_scripting() and self.recompute and self.training and torch.is_grad_enabled():
+        if not torch.jit.is_scripting() and self._recompute_applies(attn):
             return self._forward_recompute(attn)
         return self._refine(attn)
 

@@ -6,7 +6,7 @@ two equal. Two observations drive it:
 
 - On a CPU, a pass over a batch of N×N attention maps streams through memory, while the same pass
   over one sample's maps stays in cache and runs 3-4× faster. So every pass here walks the batch
-  a few samples at a time (``CHUNK``) and never builds a whole-batch temporary map.
+  a few samples at a time (``CHUNK_BYTES`` of temporaries) and never builds a whole-batch temporary map.
 - Autograd would keep every intermediate map. Here the backward passes recompute what they need
   from the inputs, chunk by chunk, and only the inputs, the handed-over map and per-channel
   BatchNorm statistics are saved.
