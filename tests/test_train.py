@@ -56,6 +56,15 @@ def test_default_run_end_to_end_and_eval(tmp_path):
     _refiner('eval', '--checkpoint', out / 'model_ema.safetensors')
 
 
+def test_eval_accepts_an_original_checkpoint(tmp_path):
+    res = _refiner('eval', '--checkpoint', 'tests/data/official_tiny.pt', '--data', 'digits', '--json',
+                   tmp_path / 'ev.json')
+    assert 'per-class top-1' in res.stdout
+    assert json.loads((tmp_path / 'ev.json').read_text())['n'] == 450
+    no_data = _refiner('eval', '--checkpoint', 'tests/data/official_tiny.pt', check=False)
+    assert no_data.returncode == 1 and 'give --data' in no_data.stderr
+
+
 def _tensors(path: Path):
     return load_file(str(path))
 

@@ -397,10 +397,13 @@ class _Trainer:
         _seed_everything(cfg.seed, self.global_step, self.ddp.rank)
         self.model.train()
         loss = self._loss(images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True))
-        bad = _all_reduce(torch.tensor([0.0 if torch.isfinite(loss).item() else 1.0], device=self.device))
-        if bad.item() > 0:
+        value = loss.item()  # the step's one synchronisation: the progress bar and the NaN check share it
+        bad = not math.isfinite(value)
+        if self.ddp.world_size > 1:  # every rank stops together
+            bad = bool(_all_reduce(torch.tensor([float(bad)], device=self.device)).item())
+        if bad:
             raise TrainingError(
-                f'the loss became {loss.item()} at step {self.global_step} (epoch {self.epoch + 1}); the run '
+                f'the loss became {value} at step {self.global_step} (epoch {self.epoch + 1}); the run '
                 f'stopped and kept its last good checkpoint in {self.files.state}. Lower --lr, enable clip_grad, '
                 f'or check the data')
         self.optimizer.zero_grad(set_to_none=True)
@@ -420,7 +423,7 @@ class _Trainer:
         self.scheduler.step_update(num_updates=self.global_step)
         if self.ema is not None:
             self.ema.update(self.model, step=self.global_step)
-        return loss.item()
+        return value
 
     def run(self) -> Dict[str, Any]:
         cfg, files = self.cfg, self.files
