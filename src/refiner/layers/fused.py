@@ -108,10 +108,9 @@ def _attention_forward(q: Tensor, k: Tensor, v: Optional[Tensor], prev: Optional
     out = q.new_empty(B, H, N, v.shape[3]) if v is not None else None
     for i, j in _chunks(q, H * N * k.shape[2]):
         logits = torch.matmul(q[i:j] * scale, k[i:j].transpose(-2, -1))  # (b, H, N, N)
-        if prev is None:
-            torch._softmax(logits, -1, False, out=attn[i:j])
-        else:
-            torch.add(logits.softmax(dim=-1), prev[i:j], alpha=scale, out=attn[i:j])
+        torch._softmax(logits, -1, False, out=attn[i:j])  # straight into the handed-on map
+        if prev is not None:
+            attn[i:j].add_(prev[i:j], alpha=scale)
         if out is not None:
             torch.matmul(attn[i:j], v[i:j], out=out[i:j])
     return out, attn
@@ -425,7 +424,7 @@ class _RefineAggregate(torch.autograd.Function):
             u = F.hardtanh_(chain(i, j)[3], 0., 6.).view(j - i, N, M, E).permute(0, 3, 1, 2)
             _reduce_into(u, w3m, o[i:j])
             r = r_of(i, j, o)
-            refined = torch.addcmul(_col(ha), r, _col(sa)).mul_(scale)
+            refined = torch.addcmul(_col(ha * scale), r, _col(sa * scale))
             torch.matmul(refined.transpose(-2, -1), grad_out[i:j], out=grad_v[i:j])
             gm = torch.matmul(grad_out[i:j], v[i:j].transpose(-2, -1), out=g[i:j])
             sums += _head_sums(gm, r)
