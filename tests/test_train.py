@@ -255,3 +255,34 @@ def test_recipes_load_and_validate():
                                                                                                   .99996)
     assert s.aa == 'rand-m9-mstd0.5-inc1' and s.reprob == 0.25 and (s.mixup, s.cutmix, s.smoothing) == (.8, 1., .1)
     assert apply_overrides(load_recipe('refiner_l_tl'), {}).drop_path == 0.25
+
+
+def test_ablate_end_to_end_reuses_finished_runs(tmp_path):
+    out = tmp_path / 'ablate'
+    args = ('ablate', '--fractions', '0.1', '1', '--seeds', '0', '1', '--models', 'refiner', 'vit', 'convstem_vit',
+            '--epochs', '1', '--out', out, '--no-progress',
+            '--set', 'model_args={patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}')
+    res = _refiner(*args)
+    report = json.loads((out / 'ablation.json').read_text())
+    assert report['fractions'] == [0.1, 1.0] and report['seeds'] == [0, 1]
+    for model in ('refiner', 'vit', 'convstem_vit'):
+        for fraction in ('0.1', '1'):
+            assert len(report['top1'][model][fraction]) == 2
+            assert all(0 <= t <= 100 for t in report['top1'][model][fraction])
+            summary = json.loads((out / f'{model}-f{fraction}-s0' / 'summary.json').read_text())
+            assert summary['num_train'] == report['models'][model]['train_images'][fraction]
+        assert report['models'][model]['train_images']['0.1'] < report['models'][model]['train_images']['1']
+    # the arms are matched in shape, and the plain ViT and the stem-only arm carry no refinement
+    assert report['models']['vit']['model'].startswith('vit_')
+    cfg = yaml.safe_load((out / 'convstem_vit-f1-s0' / 'config.yaml').read_text())
+    assert cfg['model_args']['refine_blocks'] == [False, False]
+    # the same budget: the 10% runs take 10× the epochs of the full runs
+    epochs = {f: json.loads((out / f'refiner-f{f}-s0' / 'summary.json').read_text())['epochs'] for f in ('0.1', '1')}
+    assert epochs['0.1'] >= 9 * epochs['1']
+    assert 'refiner' in res.stdout and '±' in (out / 'ablation.md').read_text()
+    assert (out / 'ablation.png').stat().st_size > 1000
+    # finished runs are reused: a second call trains nothing and reports the same numbers
+    start = time.time()
+    _refiner(*args)
+    assert json.loads((out / 'ablation.json').read_text())['top1'] == report['top1']
+    assert time.time() - start < 60
