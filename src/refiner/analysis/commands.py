@@ -283,15 +283,19 @@ def _slug(label: str) -> str:
     return re.sub(r'[^A-Za-z0-9._-]+', '_', label).strip('_') or 'model'
 
 
-def _common_args(p: argparse.ArgumentParser, batch_size: int, max_images: int) -> None:
-    p.add_argument('--model', help='a timm model name (refiner_vit_*, vit_*, deit_*, resnet*, ...); '
-                                   'with --checkpoint, the label shown')
+def _model_args(p: argparse.ArgumentParser, families: str) -> None:
+    """The arguments that choose the model under study (see :func:`load_analysis_model`)."""
+    p.add_argument('--model', help=f'a timm model name ({families}); with --checkpoint, the label shown')
     p.add_argument('--checkpoint', help='a run directory, a .safetensors written by refiner, or an original '
                                         'Refiner checkpoint (default: the named model, randomly initialised)')
     p.add_argument('--model-args', metavar='YAML', help="keyword arguments for a model created by name, "
                                                         "e.g. '{patch_size: 4}'")
     p.add_argument('--pretrained', action='store_true', help="create models named without a checkpoint with "
                                                               "timm's pretrained weights (needs them downloaded)")
+
+
+def _common_args(p: argparse.ArgumentParser, batch_size: int, max_images: int) -> None:
+    _model_args(p, 'refiner_vit_*, vit_*, deit_*, resnet*, ...')
     p.add_argument('--compare', nargs='+', action='extend', default=[], metavar='NAME[:CKPT]',
                    help="models to compare: NAME, NAME:CHECKPOINT, or NAME{yaml kwargs}, e.g. "
                         "'vit_tiny_patch16_224{depth: 4}' or 'resnet18'")
@@ -505,13 +509,7 @@ def _grid_hw(n_tokens: int, prefix: int, height: int, width: int) -> Tuple[int, 
 def add_show_attention_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``refiner show-attention``."""
     parser.add_argument('image', help='an image file')
-    parser.add_argument('--model', help='a timm model name (refiner_vit_*, vit_*, deit_*); with --checkpoint, '
-                                        'the label shown')
-    parser.add_argument('--checkpoint', help='a run directory, a .safetensors written by refiner, or an original '
-                                             'Refiner checkpoint (default: the named model, randomly initialised)')
-    parser.add_argument('--model-args', metavar='YAML', help="keyword arguments for a model created by name, "
-                                                             "e.g. '{patch_size: 4}'")
-    parser.add_argument('--pretrained', action='store_true', help="use timm's pretrained weights for a named model")
+    _model_args(parser, 'refiner_vit_*, vit_*, deit_*')
     parser.add_argument('--block', type=int, help='block index (default: the first refining block, else 0)')
     parser.add_argument('--query', metavar='ROW,COL', help="query token in token-grid coordinates, or 'cls' "
                                                           "(default: the centre of the grid)")
