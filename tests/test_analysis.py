@@ -227,22 +227,23 @@ def test_iterate_features_skips_unreadable_batches():
 
 # ---------------------------------------------------------------------------------- attention maps
 
-def _capture_attn_io(model, index):
+def _maps_and_attn_io(model, x, index):
+    """attention_maps(model, x), and the input and output of block ``index``'s attention in a plain forward."""
     io = {}
 
     def hook(module, args, output):
         io['x'], io['out'] = args[0], output
 
-    return model.blocks[index].attn.register_forward_hook(hook), io
+    handle = model.blocks[index].attn.register_forward_hook(hook)
+    maps = attention_maps(model, x)
+    model(x)
+    handle.remove()
+    return maps, io
 
 
 def test_refiner_attention_maps_and_stages_reproduce_the_block():
     model = _tiny_refiner()
-    x = torch.randn(2, 3, 16, 16)
-    handle, io = _capture_attn_io(model, 1)
-    maps = attention_maps(model, x)
-    model(x)
-    handle.remove()
+    maps, io = _maps_and_attn_io(model, torch.randn(2, 3, 16, 16), 1)
     assert [b['kind'] for b in maps] == ['attention', 'refining', 'attention', 'refining']
     blk, attn = maps[1], model.blocks[1].attn
     assert set(blk) >= {'attn', 'before', 'expanded', 'local', 'reduced'}
@@ -270,11 +271,7 @@ def test_refinement_stages_after_folding(mode):
 
 def test_timm_vit_attention_maps_reproduce_the_block():
     vit = _tiny_vit()
-    x = torch.randn(2, 3, 16, 16)
-    handle, io = _capture_attn_io(vit, 1)
-    maps = attention_maps(vit, x)
-    vit(x)
-    handle.remove()
+    maps, io = _maps_and_attn_io(vit, torch.randn(2, 3, 16, 16), 1)
     assert [b['kind'] for b in maps] == ['attention', 'attention'] and 'before' not in maps[1]
     A = maps[1]['attn']
     torch.testing.assert_close(A.sum(-1), torch.ones(2, 2, 17))
