@@ -357,19 +357,22 @@ class _RefineAggregate(torch.autograd.Function):
         mean3, var3 = _mean_var(sums[0], sums[1], n, a.dtype)
         s3, h3, _ = _affine(g3, b3, mean3, var3, bns[2].eps)
         stats = [(mean1, var1), (mean2, var2), (mean3, var3)]
-        # pass 3: r = BN3(o) + a, in o's memory, and the post norm's statistics
+        # pass 3: r0 = s3·o + a = r - h3 (BN3's shift is folded into the constants below), in o's
+        # memory, and the post norm's statistics
         sums = torch.zeros(2, H, dtype=torch.float64, device=a.device)
         for i, j in chunks:
-            r = torch.addcmul(_col(h3) + a[i:j], o[i:j], _col(s3), out=o[i:j])
+            r0 = torch.addcmul(a[i:j], o[i:j], _col(s3), out=o[i:j])
             if ga is not None:
-                sums += _head_sums(r)
+                sums += _head_sums(r0)
         if ga is not None:
-            mean_a, var_a = _mean_var(sums[0], sums[1], n, a.dtype)
+            mean_r0, var_a = _mean_var(sums[0], sums[1], n, a.dtype)
+            mean_a = mean_r0 + h3
             sa, ha, _ = _affine(ga, ba, mean_a, var_a, bns[3].eps)
             sa, ha = sa * scale, ha * scale
             stats.append((mean_a, var_a))
         else:
             sa, ha = torch.full_like(s3, scale), torch.zeros_like(h3)
+        ha = ha + sa * h3  # refined = sa·r + ha = sa·r0 + (ha + sa·h3)
         # pass 4: aggregate v with the refined map
         out = v.new_empty(v.shape)
         for i, j in chunks:
@@ -412,8 +415,9 @@ class _RefineAggregate(torch.autograd.Function):
             p2 = _rows(F.conv2d(t1, w2, None, padding=pad, groups=E))
             return z, t1, p2, torch.addcmul(h2, p2, s2)
 
-        def r_of(i: int, j: int, o: Tensor) -> Tensor:
-            return torch.addcmul(_col(h3) + a[i:j], o[i:j], _col(s3))
+        def r0_of(i: int, j: int, o: Tensor) -> Tensor:
+            """r - h3 = s3·o + a (the shift h3 is folded into the constants that use r)."""
+            return torch.addcmul(a[i:j], o[i:j], _col(s3))
 
         # pass 1: o; dL/dv; g = dL/d(refined map); the post norm's sums
         o = torch.empty_like(a)
@@ -423,11 +427,12 @@ class _RefineAggregate(torch.autograd.Function):
         for i, j in chunks:
             u = F.hardtanh_(chain(i, j)[3], 0., 6.).view(j - i, N, M, E).permute(0, 3, 1, 2)
             _reduce_into(u, w3m, o[i:j])
-            r = r_of(i, j, o)
-            refined = torch.addcmul(_col(ha * scale), r, _col(sa * scale))
+            r0 = r0_of(i, j, o)
+            refined = torch.addcmul(_col((ha + sa * h3) * scale), r0, _col(sa * scale))
             torch.matmul(refined.transpose(-2, -1), grad_out[i:j], out=grad_v[i:j])
             gm = torch.matmul(grad_out[i:j], v[i:j].transpose(-2, -1), out=g[i:j])
-            sums += _head_sums(gm, r)
+            sums += _head_sums(gm, r0)
+        sums[1] += h3.double() * sums[0]  # Σg·r = Σg·r0 + h3·Σg
         # closed-form BatchNorm backward, see _bn_backward_affine: dx = s·g + c1·x + c0
         sum_g, sum_gr = (t.to(dt) for t in sums)
         if ga is not None:  # refined = scale·(sa·r + ha)
@@ -440,8 +445,9 @@ class _RefineAggregate(torch.autograd.Function):
         # pass 2: dL/dr (its residual share is dL/da's first term), BN3's sums
         grad_a = torch.empty_like(a)
         sums = torch.zeros(2, H, dtype=torch.float64, device=a.device)
+        c0r = c0a + c1a * h3  # c0 + c1·r = (c0 + c1·h3) + c1·r0
         for i, j in chunks:
-            gr = torch.addcmul(torch.addcmul(_col(c0a), r_of(i, j, o), _col(c1a)), g[i:j], _col(sa_), out=g[i:j])
+            gr = torch.addcmul(torch.addcmul(_col(c0r), r0_of(i, j, o), _col(c1a)), g[i:j], _col(sa_), out=g[i:j])
             grad_a[i:j] = gr
             sums += _head_sums(gr, o[i:j])
         grad_g3, grad_b3, c1_3, c0_3 = _bn_backward_affine(s3, mean3, inv3, sums[0].to(dt), sums[1].to(dt), n)
