@@ -99,6 +99,42 @@ def test_grad_checkpointing_same_outputs_gradients_and_statistics():
         torch.testing.assert_close(out, a.forward_features(x))
 
 
+def test_stem_recomputation_same_outputs_gradients_and_statistics(monkeypatch):
+    torch.manual_seed(0)
+    a, b = _tiny().patch_embed.train(), _tiny().patch_embed.train()
+    b.load_state_dict(a.state_dict())
+    monkeypatch.setattr(type(b), '_recompute', lambda self, x: self is a)  # only a recomputes
+    x = torch.randn(3, 3, 32, 32)
+    outs = []
+    for m in (a, b):
+        outs.append(m(x))
+        outs[-1].square().mean().backward()
+    torch.testing.assert_close(outs[0], outs[1])
+    for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(pa.grad, pb.grad, msg=name)
+    for (name, ba), bb in zip(a.named_buffers(), b.buffers()):  # each batch counted once
+        torch.testing.assert_close(ba, bb, msg=name)
+
+
+def test_stem_hands_the_free_heap_back_between_the_blocks_and_its_backward(monkeypatch):
+    import refiner.models.refiner_vit as refiner_vit
+    from refiner.layers.memory import release_free_heap
+    release_free_heap()  # runs wherever it is called (glibc or not)
+    model = _tiny().train()
+    seen = []
+    monkeypatch.setattr(refiner_vit, 'release_free_heap', lambda grad: seen.append(
+        (all(p.grad is not None for p in model.blocks.parameters()), model.patch_embed.conv1.weight.grad is None)))
+    model(torch.randn(2, 3, 32, 32)).mean().backward()
+    assert seen == []  # these maps are small enough for the heap
+    model.zero_grad(set_to_none=True)
+    monkeypatch.setattr(refiner_vit, 'MMAP_THRESHOLD_MAX', 0)  # as if they were not
+    model(torch.randn(2, 3, 32, 32)).mean().backward()
+    assert seen == [(True, True)]  # once, after the blocks' backward and before the stem's
+    with torch.no_grad():
+        model(torch.randn(2, 3, 32, 32))
+    assert len(seen) == 1
+
+
 def test_forward_intermediates():
     model = _tiny().eval()
     x = torch.randn(2, 3, 32, 48)

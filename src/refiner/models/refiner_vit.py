@@ -31,6 +31,7 @@ from torch.utils.checkpoint import checkpoint
 
 from ..layers import BatchNorm2d, DistributedLocalAttention, RefinedAttention
 from ..layers.fused import eager_mode, gelu_linear, kernels_apply
+from ..layers.memory import MMAP_THRESHOLD_MAX, release_free_heap
 
 __all__ = ['RefinerViT', 'RefinerBlock', 'ConvStem', 'check_image_input']
 
@@ -72,12 +73,21 @@ class ConvStem(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_input(x, self.in_chans, self.patch_size)
         x = x.contiguous(memory_format=torch.channels_last)  # oneDNN / cuDNN convolutions are fastest NHWC
-        if not torch.jit.is_scripting() and self._recompute_convs(x):
-            # at full resolution these maps outweigh the blocks' activations: recompute them in
-            # backward (a few percent of the step) instead of keeping them
-            x = checkpoint(self._convs, x, use_reentrant=False)
-        else:
-            x = self._convs(x)
+        if not torch.jit.is_scripting() and self._recompute(x):
+            # at full resolution the stem's maps outweigh the blocks' activations: keep none of them
+            # and recompute them in backward (a few percent of the step)
+            out = checkpoint(self._embed, x, use_reentrant=False)
+            if self._maps_outgrow_free_heap(x):
+                # the recomputation comes right after the blocks' activations have been freed: hand
+                # that memory back first, so that peak memory is not the sum of both
+                out.register_hook(release_free_heap)
+            return out
+        return self._embed(x)
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn1(self.conv1(x)))  # (B, 32, S/2, S/2)
+        x = self.act(self.bn2(self.conv2(x)))
+        x = self.bn3(self.conv3(x))  # (B, 128, S/2, S/2), before its ReLU
         # the (p/2)×(p/2)-stride-(p/2) projection as one matrix product over patches (much faster than
         # a strided convolution's backward on CPU); ReLU on the patch copy, so that one tensor is kept
         B, c3, H2, W2 = x.shape
@@ -88,13 +98,15 @@ class ConvStem(nn.Module):
         return F.linear(self.act(patches), weight, self.proj.bias)  # (B, S/p, S/p, C)
 
     @torch.jit.unused
-    def _recompute_convs(self, x: torch.Tensor) -> bool:
+    def _recompute(self, x: torch.Tensor) -> bool:
         return self.training and torch.is_grad_enabled() and eager_mode(x)
 
-    def _convs(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.bn1(self.conv1(x)))  # (B, 32, S/2, S/2)
-        x = self.act(self.bn2(self.conv2(x)))
-        return self.bn3(self.conv3(x))  # (B, 128, S/2, S/2), before its ReLU
+    @torch.jit.unused
+    def _maps_outgrow_free_heap(self, x: torch.Tensor) -> bool:
+        """Whether the full-resolution maps are served by fresh pages rather than the free heap."""
+        B, _, S1, S2 = x.shape
+        largest = B * self.bn3.num_features * (S1 // 2) * (S2 // 2) * x.element_size()
+        return x.device.type == 'cpu' and largest > MMAP_THRESHOLD_MAX
 
     @torch.no_grad()
     def reparameterize(self) -> None:
