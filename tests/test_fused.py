@@ -97,3 +97,31 @@ def test_float32_training_at_least_as_accurate_as_reference():
         err_ref = (p2.grad.double() - p3.grad).abs().max()
         tolerance = 2 * err_ref + 1e-6 * p3.grad.abs().max().clamp_min(1.0)
         assert err_fused <= tolerance, f'{name}: {err_fused:.3g} vs autograd {err_ref:.3g}'
+
+
+@pytest.mark.parametrize('budget', [1, 2000])
+def test_maps_larger_than_the_chunk_budget_go_a_few_rows_at_a_time(monkeypatch, budget):
+    """At large inputs one sample's maps outgrow the cache-sized chunk; then the kernels walk its query
+    rows in slabs (with the local convolution's halo), with the same results."""
+    from refiner.layers import fused as kernels
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model('refiner_vit_nano', num_classes=5, img_size=16)).double()
+    x = torch.randn(2, 3, 16, 16, dtype=torch.double)
+
+    def run():
+        m = copy.deepcopy(model)
+        out = m.train()(x)
+        out.square().sum().backward()
+        with torch.no_grad():
+            return out, m.eval()(x), [p.grad for p in m.parameters()]
+
+    whole = run()
+    slabs = []
+    monkeypatch.setattr(kernels, '_row_slabs', lambda *a, f=kernels._row_slabs: slabs.append(f(*a)) or slabs[-1])
+    monkeypatch.setattr(kernels, 'CHUNK_BYTES', {'cpu': budget})
+    sliced = run()
+    assert max(len(s) for s in slabs) > 4  # the maps were cut into slabs
+    torch.testing.assert_close(sliced[0], whole[0], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(sliced[1], whole[1], rtol=1e-10, atol=1e-12)
+    for (name, _), g1, g2 in zip(model.named_parameters(), sliced[2], whole[2]):
+        torch.testing.assert_close(g1, g2, rtol=1e-8, atol=1e-10, msg=f'gradient of {name}')

@@ -61,6 +61,14 @@ def _chunks(t: Tensor, per_sample_elements: Optional[int] = None) -> List[Tuple[
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+def _row_slabs(t: Tensor, rows: int, per_row_elements: int) -> List[Tuple[int, int]]:
+    """[start, end) ranges of query rows whose temporaries (``per_row_elements`` values per row)
+    stay near the chunk budget: one range unless a single sample's maps outgrow it (larger inputs)."""
+    budget = CHUNK_BYTES.get(t.device.type, DEFAULT_CHUNK_BYTES)
+    step = max(1, budget // max(per_row_elements * t.element_size(), 1))
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
 _is_fx_tracing = getattr(torch.fx._symbolic_trace, 'is_fx_symbolic_tracing', torch.fx._symbolic_trace.is_fx_tracing)
 
 
@@ -106,41 +114,51 @@ def _attention_forward(q: Tensor, k: Tensor, v: Optional[Tensor], prev: Optional
     B, H, N, d = q.shape
     attn = q.new_empty(B, H, N, k.shape[2])
     out = q.new_empty(B, H, N, v.shape[3]) if v is not None else None
-    for i, j in _chunks(q, H * N * k.shape[2]):
-        logits = torch.matmul(q[i:j] * scale, k[i:j].transpose(-2, -1))  # (b, H, N, N)
-        torch._softmax(logits, -1, False, out=attn[i:j])  # straight into the handed-on map
-        if prev is not None:
-            attn[i:j].add_(prev[i:j], alpha=scale)
-        if out is not None:
-            torch.matmul(attn[i:j], v[i:j], out=out[i:j])
+    M = k.shape[2]
+    for i, j in _chunks(q, H * N * M):
+        for r0, r1 in _row_slabs(q, N, (j - i) * H * M):
+            rows = (slice(i, j), slice(None), slice(r0, r1))
+            logits = torch.matmul(q[rows] * scale, k[i:j].transpose(-2, -1))  # (b, H, rows, M)
+            if r1 - r0 == N:
+                torch._softmax(logits, -1, False, out=attn[rows])  # straight into the handed-on map
+            else:  # (_softmax's out= ignores the strides of a non-contiguous out)
+                attn[rows] = torch._softmax(logits, -1, False, out=logits)
+            if prev is not None:
+                attn[rows].add_(prev[rows], alpha=scale)
+            if out is not None:
+                torch.matmul(attn[rows], v[i:j], out=out[rows])
     return out, attn
 
 
 def _attention_backward(q: Tensor, k: Tensor, v: Optional[Tensor], prev: Optional[Tensor], attn: Tensor,
                         scale: float, grad_out: Optional[Tensor], grad_attn: Optional[Tensor]):
     B, H, N, d = q.shape
-    grad_q, grad_k = torch.empty_like(q), torch.empty_like(k)
-    grad_v = torch.empty_like(v) if v is not None else None
+    M = k.shape[2]
+    grad_q, grad_k = torch.empty_like(q), k.new_zeros(k.shape)  # dL/dk, dL/dv: sums over row slabs
+    grad_v = v.new_zeros(v.shape) if v is not None else None
     grad_prev = torch.empty_like(attn) if prev is not None else None
-    for i, j in _chunks(q, 2 * H * N * N):
+    for i, j in _chunks(q, 2 * H * N * M):
         b = j - i
-        if grad_out is not None and v is not None:
-            g_out, v_c = grad_out[i:j].reshape(b * H, N, -1), v[i:j].reshape(b * H, N, -1)
-            if grad_attn is not None:  # dL/dA: from the blocks A was handed to, and from A @ v
-                g = torch.baddbmm(grad_attn[i:j].reshape(b * H, N, N), g_out, v_c.transpose(1, 2))
+        for r0, r1 in _row_slabs(q, N, 2 * b * H * M):
+            rows, R = (slice(i, j), slice(None), slice(r0, r1)), r1 - r0
+            if grad_out is not None and v is not None:
+                g_out = grad_out[rows].reshape(b * H, R, -1)
+                v_c = v[i:j].reshape(b * H, M, -1)
+                if grad_attn is not None:  # dL/dA: from the blocks A was handed to, and from A @ v
+                    g = torch.baddbmm(grad_attn[rows].reshape(b * H, R, M), g_out, v_c.transpose(1, 2))
+                else:
+                    g = torch.bmm(g_out, v_c.transpose(1, 2))
+                g = g.view(b, H, R, M)
+                grad_v[i:j].view(b * H, M, -1).baddbmm_(attn[rows].reshape(b * H, R, M).transpose(1, 2), g_out)
             else:
-                g = torch.bmm(g_out, v_c.transpose(1, 2))
-            g = g.view(b, H, N, N)
-            torch.matmul(attn[i:j].transpose(-2, -1), grad_out[i:j], out=grad_v[i:j])
-        else:
-            g = grad_attn[i:j] if grad_attn is not None else torch.zeros_like(attn[i:j])
-        if grad_prev is not None:
-            torch.mul(g, scale, out=grad_prev[i:j])
-        qs = q[i:j] * scale
-        p = torch.matmul(qs, k[i:j].transpose(-2, -1)).softmax(dim=-1)  # recomputed, not stored
-        g = torch._softmax_backward_data(g, p, -1, p.dtype)  # dL/dlogits
-        torch.matmul(g, k[i:j], out=grad_q[i:j]).mul_(scale)
-        torch.matmul(g.transpose(-2, -1), qs, out=grad_k[i:j])
+                g = grad_attn[rows] if grad_attn is not None else attn.new_zeros(b, H, R, M)
+            if grad_prev is not None:
+                torch.mul(g, scale, out=grad_prev[rows])
+            qs = q[rows] * scale  # (b, H, R, d)
+            p = torch.matmul(qs, k[i:j].transpose(-2, -1)).softmax(dim=-1)  # recomputed, not stored
+            g = torch._softmax_backward_data(g, p, -1, p.dtype)  # dL/dlogits
+            torch.matmul(g, k[i:j], out=grad_q[rows]).mul_(scale)
+            grad_k[i:j].view(b * H, M, d).baddbmm_(g.view(b * H, R, M).transpose(1, 2), qs.reshape(b * H, R, d))
     return grad_q, grad_k, grad_v, grad_prev
 
 
@@ -194,9 +212,14 @@ def refine_aggregate(attn: Tensor, v: Tensor, refine: nn.Module, norm: nn.Module
         return None  # training-mode batch statistics couple the samples
     with torch.no_grad():
         out = v.new_empty(v.shape)
-        for i, j in _chunks(attn, attn[0].numel() * refine.expanded_heads // attn.shape[1]):
-            refined = norm(refine(attn[i:j]))
-            out[i:j] = torch.matmul(refined * scale if scale != 1.0 else refined, v[i:j])
+        B, H, N, M = attn.shape
+        E, halo = refine.expanded_heads, refine.kernel_size // 2
+        for i, j in _chunks(attn, E * N * M):
+            for r0, r1 in _row_slabs(attn, N, (j - i) * E * M):
+                # rows r0..r1 of the refined map, from the input rows its k×k convolution reaches
+                lo, hi = max(r0 - halo, 0), min(r1 + halo, N)
+                refined = norm(refine(attn[i:j, :, lo:hi]))[:, :, r0 - lo:r1 - lo]  # (b, H, r1 - r0, M)
+                out[i:j, :, r0:r1] = torch.matmul(refined * scale if scale != 1.0 else refined, v[i:j])
         return out
 
 
