@@ -6,7 +6,9 @@ two equal. Two observations drive it:
 
 - On a CPU, a pass over a batch of N×N attention maps streams through memory, while the same pass
   over one sample's maps stays in cache and runs 3-4× faster. So every pass here walks the batch
-  a few samples at a time (``CHUNK_BYTES`` of temporaries) and never builds a whole-batch temporary map.
+  a few samples at a time (``CHUNK_BYTES`` of temporaries) and never builds a whole-batch temporary map;
+  where one sample's maps outgrow that (large inputs), attention and inference refinement walk its
+  query rows in slabs (refinement with the k×k kernel's halo of rows).
 - Autograd would keep every intermediate map. Here the backward passes recompute what they need
   from the inputs, chunk by chunk, and only the inputs, the handed-over map and per-channel
   BatchNorm statistics are saved.
@@ -121,7 +123,7 @@ def _attention_forward(q: Tensor, k: Tensor, v: Optional[Tensor], prev: Optional
             logits = torch.matmul(q[rows] * scale, k[i:j].transpose(-2, -1))  # (b, H, rows, M)
             if r1 - r0 == N:
                 torch._softmax(logits, -1, False, out=attn[rows])  # straight into the handed-on map
-            else:  # (_softmax's out= ignores the strides of a non-contiguous out)
+            else:  # _softmax's out= ignores a non-contiguous out's strides (pytorch/pytorch#75923)
                 attn[rows] = torch._softmax(logits, -1, False, out=logits)
             if prev is not None:
                 attn[rows].add_(prev[rows], alpha=scale)
