@@ -16,8 +16,8 @@ MMAP_THRESHOLD_MAX = 32 << 20  # bytes; glibc's DEFAULT_MMAP_THRESHOLD_MAX on 64
 
 def _find_malloc_trim() -> Optional[Callable[[int], int]]:
     try:
-        return ctypes.CDLL(None).malloc_trim  # glibc; absent on macOS, Windows and musl
-    except (OSError, AttributeError):
+        return ctypes.CDLL(None).malloc_trim  # glibc; absent on macOS and Windows
+    except (OSError, AttributeError, TypeError):  # TypeError: Windows has no CDLL(None)
         return None
 
 
