@@ -133,6 +133,16 @@ def test_stem_hands_the_free_heap_back_between_the_blocks_and_its_backward(monke
     with torch.no_grad():
         model(torch.randn(2, 3, 32, 32))
     assert len(seen) == 1
+    model.patch_embed.requires_grad_(False)  # a frozen stem: nothing to hook, nothing to recompute for
+    model(torch.randn(2, 3, 32, 32)).mean().backward()
+    assert len(seen) == 1
+
+
+def test_reparameterized_model_still_trains():
+    model = _tiny().eval()
+    model.reparameterize()
+    model.train()(torch.randn(2, 3, 32, 32)).mean().backward()
+    assert model.head.weight.grad is not None and model.patch_embed.conv1.weight.grad is not None
 
 
 def test_forward_intermediates():

@@ -3,8 +3,8 @@
 glibc keeps freed memory in its heap for reuse, but serves every request above its mmap threshold
 (at most 32 MiB on 64-bit systems) with fresh pages from the kernel. A training step that frees
 many activations and then allocates a burst of large buffers therefore needs the sum of both:
-in Refiner-ViT that is the conv stem's backward, whose full-resolution maps arrive after the
-blocks' activations have been freed. ``malloc_trim(0)`` returns the free pages first.
+in Refiner-ViT that is the conv stem's backward, whose maps at half the input's resolution
+arrive after the blocks' activations have been freed. ``malloc_trim(0)`` returns the free pages first.
 """
 import ctypes
 from typing import Callable, Optional

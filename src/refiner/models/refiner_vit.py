@@ -74,10 +74,10 @@ class ConvStem(nn.Module):
         check_image_input(x, self.in_chans, self.patch_size)
         x = x.contiguous(memory_format=torch.channels_last)  # oneDNN / cuDNN convolutions are fastest NHWC
         if not torch.jit.is_scripting() and self._recompute(x):
-            # at full resolution the stem's maps outweigh the blocks' activations: keep none of them
-            # and recompute them in backward (a few percent of the step)
+            # at half the input's resolution the stem's maps outweigh the blocks' activations: keep
+            # none of them and recompute them in backward (a few percent of the step)
             out = checkpoint(self._embed, x, use_reentrant=False)
-            if self._maps_outgrow_free_heap(x):
+            if out.requires_grad and self._maps_outgrow_free_heap(x):
                 # the recomputation comes right after the blocks' activations have been freed: hand
                 # that memory back first, so that peak memory is not the sum of both
                 out.register_hook(release_free_heap)
@@ -103,9 +103,9 @@ class ConvStem(nn.Module):
 
     @torch.jit.unused
     def _maps_outgrow_free_heap(self, x: torch.Tensor) -> bool:
-        """Whether the full-resolution maps are served by fresh pages rather than the free heap."""
+        """Whether the stem's largest maps are served by fresh pages rather than the free heap."""
         B, _, S1, S2 = x.shape
-        largest = B * self.bn3.num_features * (S1 // 2) * (S2 // 2) * x.element_size()
+        largest = B * self.conv3.out_channels * (S1 // 2) * (S2 // 2) * x.element_size()
         return x.device.type == 'cpu' and largest > MMAP_THRESHOLD_MAX
 
     @torch.no_grad()
