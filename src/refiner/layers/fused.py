@@ -53,22 +53,24 @@ DEFAULT_CHUNK_BYTES = 1 << 30
 Tensor = torch.Tensor
 
 
-def _chunks(t: Tensor, per_sample_elements: Optional[int] = None) -> List[Tuple[int, int]]:
-    """[start, end) sample ranges of a batch ``t`` whose per-sample temporaries hold
-    ``per_sample_elements`` values (default: one sample of t)."""
-    n = t.shape[0]
-    per_sample = (per_sample_elements or t[0].numel()) * t.element_size()
+def _spans(t: Tensor, n: int, per_item_elements: int) -> List[Tuple[int, int]]:
+    """[start, end) ranges over n items, each with ``per_item_elements`` values of t's dtype in
+    temporaries, that keep those temporaries near the chunk budget of t's device."""
     budget = CHUNK_BYTES.get(t.device.type, DEFAULT_CHUNK_BYTES)
-    step = max(1, min(n, budget // max(per_sample, 1)))
+    step = max(1, budget // max(per_item_elements * t.element_size(), 1))
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
+def _chunks(t: Tensor, per_sample_elements: Optional[int] = None) -> List[Tuple[int, int]]:
+    """Sample ranges of a batch ``t`` whose per-sample temporaries hold ``per_sample_elements``
+    values (default: one sample of t)."""
+    return _spans(t, t.shape[0], per_sample_elements or t[0].numel())
+
+
 def _row_slabs(t: Tensor, rows: int, per_row_elements: int) -> List[Tuple[int, int]]:
-    """[start, end) ranges of query rows whose temporaries (``per_row_elements`` values per row)
-    stay near the chunk budget: one range unless a single sample's maps outgrow it (larger inputs)."""
-    budget = CHUNK_BYTES.get(t.device.type, DEFAULT_CHUNK_BYTES)
-    step = max(1, budget // max(per_row_elements * t.element_size(), 1))
-    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+    """Query-row ranges of a chunk with ``per_row_elements`` values of temporaries per row: one
+    range unless a single sample's maps outgrow the budget (larger inputs)."""
+    return _spans(t, rows, per_row_elements)
 
 
 _is_fx_tracing = getattr(torch.fx._symbolic_trace, 'is_fx_symbolic_tracing', torch.fx._symbolic_trace.is_fx_tracing)
@@ -114,19 +116,21 @@ def attention_handover(q: Tensor, k: Tensor, v: Optional[Tensor], prev: Optional
 def _attention_forward(q: Tensor, k: Tensor, v: Optional[Tensor], prev: Optional[Tensor], scale: float
                        ) -> Tuple[Optional[Tensor], Tensor]:
     B, H, N, d = q.shape
-    attn = q.new_empty(B, H, N, k.shape[2])
-    out = q.new_empty(B, H, N, v.shape[3]) if v is not None else None
     M = k.shape[2]
+    attn = q.new_empty(B, H, N, M)
+    out = q.new_empty(B, H, N, v.shape[3]) if v is not None else None
     for i, j in _chunks(q, H * N * M):
         for r0, r1 in _row_slabs(q, N, (j - i) * H * M):
             rows = (slice(i, j), slice(None), slice(r0, r1))
             logits = torch.matmul(q[rows] * scale, k[i:j].transpose(-2, -1))  # (b, H, rows, M)
-            if r1 - r0 == N:
+            if prev is None and r1 - r0 == N:
                 torch._softmax(logits, -1, False, out=attn[rows])  # straight into the handed-on map
-            else:  # _softmax's out= ignores a non-contiguous out's strides (pytorch/pytorch#75923)
-                attn[rows] = torch._softmax(logits, -1, False, out=logits)
-            if prev is not None:
-                attn[rows].add_(prev[rows], alpha=scale)
+            else:  # in place, then one write of A (_softmax's out= ignores a slab's strides, pytorch#75923)
+                p = torch._softmax(logits, -1, False, out=logits)
+                if prev is None:
+                    attn[rows] = p
+                else:
+                    torch.add(p, prev[rows], alpha=scale, out=attn[rows])
             if out is not None:
                 torch.matmul(attn[rows], v[i:j], out=out[rows])
     return out, attn
@@ -136,13 +140,14 @@ def _attention_backward(q: Tensor, k: Tensor, v: Optional[Tensor], prev: Optiona
                         scale: float, grad_out: Optional[Tensor], grad_attn: Optional[Tensor]):
     B, H, N, d = q.shape
     M = k.shape[2]
-    grad_q, grad_k = torch.empty_like(q), k.new_zeros(k.shape)  # dL/dk, dL/dv: sums over row slabs
-    grad_v = v.new_zeros(v.shape) if v is not None else None
+    # dL/dk and dL/dv sum over row slabs: the first slab writes them (beta=0), later ones add
+    grad_q, grad_k = torch.empty_like(q), k.new_empty(k.shape)
+    grad_v = v.new_empty(v.shape) if v is not None and grad_out is not None else None
     grad_prev = torch.empty_like(attn) if prev is not None else None
     for i, j in _chunks(q, 2 * H * N * M):
         b = j - i
         for r0, r1 in _row_slabs(q, N, 2 * b * H * M):
-            rows, R = (slice(i, j), slice(None), slice(r0, r1)), r1 - r0
+            rows, R, beta = (slice(i, j), slice(None), slice(r0, r1)), r1 - r0, int(r0 > 0)
             if grad_out is not None and v is not None:
                 g_out = grad_out[rows].reshape(b * H, R, -1)
                 v_c = v[i:j].reshape(b * H, M, -1)
@@ -151,7 +156,8 @@ def _attention_backward(q: Tensor, k: Tensor, v: Optional[Tensor], prev: Optiona
                 else:
                     g = torch.bmm(g_out, v_c.transpose(1, 2))
                 g = g.view(b, H, R, M)
-                grad_v[i:j].view(b * H, M, -1).baddbmm_(attn[rows].reshape(b * H, R, M).transpose(1, 2), g_out)
+                a_t = attn[rows].reshape(b * H, R, M).transpose(1, 2)
+                grad_v[i:j].view(b * H, M, -1).baddbmm_(a_t, g_out, beta=beta)
             else:
                 g = grad_attn[rows] if grad_attn is not None else attn.new_zeros(b, H, R, M)
             if grad_prev is not None:
@@ -160,7 +166,8 @@ def _attention_backward(q: Tensor, k: Tensor, v: Optional[Tensor], prev: Optiona
             p = torch.matmul(qs, k[i:j].transpose(-2, -1)).softmax(dim=-1)  # recomputed, not stored
             g = torch._softmax_backward_data(g, p, -1, p.dtype)  # dL/dlogits
             torch.matmul(g, k[i:j], out=grad_q[rows]).mul_(scale)
-            grad_k[i:j].view(b * H, M, d).baddbmm_(g.view(b * H, R, M).transpose(1, 2), qs.reshape(b * H, R, d))
+            grad_k[i:j].view(b * H, M, d).baddbmm_(g.view(b * H, R, M).transpose(1, 2), qs.reshape(b * H, R, d),
+                                                   beta=beta)
     return grad_q, grad_k, grad_v, grad_prev
 
 
@@ -216,12 +223,13 @@ def refine_aggregate(attn: Tensor, v: Tensor, refine: nn.Module, norm: nn.Module
         out = v.new_empty(v.shape)
         B, H, N, M = attn.shape
         E, halo = refine.expanded_heads, refine.kernel_size // 2
+        v = v * scale if scale != 1.0 else v  # (s·R) @ v = R @ (s·v): scale the small operand
         for i, j in _chunks(attn, E * N * M):
             for r0, r1 in _row_slabs(attn, N, (j - i) * E * M):
                 # rows r0..r1 of the refined map, from the input rows its k×k convolution reaches
                 lo, hi = max(r0 - halo, 0), min(r1 + halo, N)
                 refined = norm(refine(attn[i:j, :, lo:hi]))[:, :, r0 - lo:r1 - lo]  # (b, H, r1 - r0, M)
-                out[i:j, :, r0:r1] = torch.matmul(refined * scale if scale != 1.0 else refined, v[i:j])
+                out[i:j, :, r0:r1] = torch.matmul(refined, v[i:j])
         return out
 
 
@@ -449,11 +457,12 @@ class _RefineAggregate(torch.autograd.Function):
         g = torch.empty_like(a)  # dL/d(refined), then dL/dr, then dL/do, in place
         grad_v = torch.empty_like(v)
         sums = torch.zeros(2, H, dtype=torch.float64, device=a.device)
+        refined_shift, refined_scale = _col((ha + sa * h3) * scale), _col(sa * scale)  # refined = these·r0
         for i, j in chunks:
             u = F.hardtanh_(chain(i, j)[3], 0., 6.).view(j - i, N, M, E).permute(0, 3, 1, 2)
             _reduce_into(u, w3m, o[i:j])
             r0 = r0_of(i, j, o)
-            refined = torch.addcmul(_col((ha + sa * h3) * scale), r0, _col(sa * scale))
+            refined = torch.addcmul(refined_shift, r0, refined_scale)
             torch.matmul(refined.transpose(-2, -1), grad_out[i:j], out=grad_v[i:j])
             gm = torch.matmul(grad_out[i:j], v[i:j].transpose(-2, -1), out=g[i:j])
             sums += _head_sums(gm, r0)
