@@ -1,5 +1,6 @@
 """The fused kernels (refiner.layers.fused) compute what the reference modules compute."""
 import copy
+import sys
 
 import pytest
 import timm
@@ -116,11 +117,19 @@ def test_maps_larger_than_the_chunk_budget_go_a_few_rows_at_a_time(monkeypatch, 
             return out, m.eval()(x), [p.grad for p in m.parameters()]
 
     whole = run()
-    slabs = []
-    monkeypatch.setattr(kernels, '_row_slabs', lambda *a, f=kernels._row_slabs: slabs.append(f(*a)) or slabs[-1])
+    slabs = {}  # the kernel that asked -> its slabs of rows per sample
+
+    def blocks(*args, f=kernels._blocks):
+        cut = f(*args)
+        slabs.setdefault(sys._getframe(1).f_code.co_name, []).append(len(cut) / args[0].shape[0])
+        return cut
+
+    monkeypatch.setattr(kernels, '_blocks', blocks)
     monkeypatch.setattr(kernels, 'CHUNK_BYTES', {'cpu': budget})
     sliced = run()
-    assert max(len(s) for s in slabs) > 4  # the maps were cut into slabs
+    # attention forward and backward, training refinement (forward, backward), inference refinement
+    assert set(slabs) == {'_attention_forward', '_attention_backward', 'forward', 'backward', 'refine_aggregate'}
+    assert all(min(counts) >= 4 for counts in slabs.values()), slabs  # every one was cut into slabs
     torch.testing.assert_close(sliced[0], whole[0], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(sliced[1], whole[1], rtol=1e-10, atol=1e-12)
     for (name, _), g1, g2 in zip(model.named_parameters(), sliced[2], whole[2]):

@@ -7,8 +7,9 @@ two equal. Two observations drive it:
 - On a CPU, a pass over a batch of N×N attention maps streams through memory, while the same pass
   over one sample's maps stays in cache and runs 3-4× faster. So every pass here walks the batch
   a few samples at a time (``CHUNK_BYTES`` of temporaries) and never builds a whole-batch temporary map;
-  where one sample's maps outgrow that (large inputs), attention and inference refinement walk its
-  query rows in slabs (refinement with the k×k kernel's halo of rows).
+  where one sample's maps outgrow that (large inputs), the passes walk its query rows in slabs.
+  Refinement reads the k×k kernel's halo of rows around a slab; its backward recomputes two rows
+  of halo and counts the local kernel's weight gradient once per row.
 - Autograd would keep every intermediate map. Here the backward passes recompute what they need
   from the inputs, chunk by chunk, and only the inputs, the handed-over map and per-channel
   BatchNorm statistics are saved.
@@ -67,10 +68,18 @@ def _chunks(t: Tensor, per_sample_elements: Optional[int] = None) -> List[Tuple[
     return _spans(t, t.shape[0], per_sample_elements or t[0].numel())
 
 
-def _row_slabs(t: Tensor, rows: int, per_row_elements: int) -> List[Tuple[int, int]]:
-    """Query-row ranges of a chunk with ``per_row_elements`` values of temporaries per row: one
-    range unless a single sample's maps outgrow the budget (larger inputs)."""
-    return _spans(t, rows, per_row_elements)
+def _blocks(t: Tensor, per_row_elements: int) -> List[Tuple[int, int, int, int]]:
+    """``(i, j, r0, r1)``: samples i..j and query rows r0..r1 of maps t (B, H, N, ·) whose work
+    holds ``per_row_elements`` values of temporaries per sample and row: chunks of whole samples,
+    cut into slabs of rows only where one sample outgrows the budget (larger inputs)."""
+    N = t.shape[2]
+    return [(i, j, r0, r1) for i, j in _chunks(t, per_row_elements * N)
+            for r0, r1 in _spans(t, N, (j - i) * per_row_elements)]
+
+
+def _halo(r0: int, r1: int, pad: int, n: int) -> Tuple[int, int]:
+    """The rows a k×k convolution (k = 2·pad + 1) reads to produce rows r0..r1 of n."""
+    return max(r0 - pad, 0), min(r1 + pad, n)
 
 
 _is_fx_tracing = getattr(torch.fx._symbolic_trace, 'is_fx_symbolic_tracing', torch.fx._symbolic_trace.is_fx_tracing)
@@ -119,20 +128,19 @@ def _attention_forward(q: Tensor, k: Tensor, v: Optional[Tensor], prev: Optional
     M = k.shape[2]
     attn = q.new_empty(B, H, N, M)
     out = q.new_empty(B, H, N, v.shape[3]) if v is not None else None
-    for i, j in _chunks(q, H * N * M):
-        for r0, r1 in _row_slabs(q, N, (j - i) * H * M):
-            rows = (slice(i, j), slice(None), slice(r0, r1))
-            logits = torch.matmul(q[rows] * scale, k[i:j].transpose(-2, -1))  # (b, H, rows, M)
-            if prev is None and r1 - r0 == N:
-                torch._softmax(logits, -1, False, out=attn[rows])  # straight into the handed-on map
-            else:  # in place, then one write of A (_softmax's out= ignores a slab's strides, pytorch#75923)
-                p = torch._softmax(logits, -1, False, out=logits)
-                if prev is None:
-                    attn[rows] = p
-                else:
-                    torch.add(p, prev[rows], alpha=scale, out=attn[rows])
-            if out is not None:
-                torch.matmul(attn[rows], v[i:j], out=out[rows])
+    for i, j, r0, r1 in _blocks(q, H * M):
+        rows = (slice(i, j), slice(None), slice(r0, r1))
+        logits = torch.matmul(q[rows] * scale, k[i:j].transpose(-2, -1))  # (b, H, rows, M)
+        if prev is None and r1 - r0 == N:
+            torch._softmax(logits, -1, False, out=attn[rows])  # straight into the handed-on map
+        else:  # in place, then one write of A (_softmax's out= ignores a slab's strides, pytorch#75923)
+            p = torch._softmax(logits, -1, False, out=logits)
+            if prev is None:
+                attn[rows] = p
+            else:
+                torch.add(p, prev[rows], alpha=scale, out=attn[rows])
+        if out is not None:
+            torch.matmul(attn[rows], v[i:j], out=out[rows])
     return out, attn
 
 
@@ -144,30 +152,29 @@ def _attention_backward(q: Tensor, k: Tensor, v: Optional[Tensor], prev: Optiona
     grad_q, grad_k = torch.empty_like(q), k.new_empty(k.shape)
     grad_v = v.new_empty(v.shape) if v is not None and grad_out is not None else None
     grad_prev = torch.empty_like(attn) if prev is not None else None
-    for i, j in _chunks(q, 2 * H * N * M):
+    for i, j, r0, r1 in _blocks(q, 2 * H * M):
         b = j - i
-        for r0, r1 in _row_slabs(q, N, 2 * b * H * M):
-            rows, R, beta = (slice(i, j), slice(None), slice(r0, r1)), r1 - r0, int(r0 > 0)
-            if grad_out is not None and v is not None:
-                g_out = grad_out[rows].reshape(b * H, R, -1)
-                v_c = v[i:j].reshape(b * H, M, -1)
-                if grad_attn is not None:  # dL/dA: from the blocks A was handed to, and from A @ v
-                    g = torch.baddbmm(grad_attn[rows].reshape(b * H, R, M), g_out, v_c.transpose(1, 2))
-                else:
-                    g = torch.bmm(g_out, v_c.transpose(1, 2))
-                g = g.view(b, H, R, M)
-                a_t = attn[rows].reshape(b * H, R, M).transpose(1, 2)
-                grad_v[i:j].view(b * H, M, -1).baddbmm_(a_t, g_out, beta=beta)
+        rows, R, beta = (slice(i, j), slice(None), slice(r0, r1)), r1 - r0, int(r0 > 0)
+        if grad_out is not None and v is not None:
+            g_out = grad_out[rows].reshape(b * H, R, -1)
+            v_c = v[i:j].reshape(b * H, M, -1)
+            if grad_attn is not None:  # dL/dA: from the blocks A was handed to, and from A @ v
+                g = torch.baddbmm(grad_attn[rows].reshape(b * H, R, M), g_out, v_c.transpose(1, 2))
             else:
-                g = grad_attn[rows] if grad_attn is not None else attn.new_zeros(b, H, R, M)
-            if grad_prev is not None:
-                torch.mul(g, scale, out=grad_prev[rows])
-            qs = q[rows] * scale  # (b, H, R, d)
-            p = torch.matmul(qs, k[i:j].transpose(-2, -1)).softmax(dim=-1)  # recomputed, not stored
-            g = torch._softmax_backward_data(g, p, -1, p.dtype)  # dL/dlogits
-            torch.matmul(g, k[i:j], out=grad_q[rows]).mul_(scale)
-            grad_k[i:j].view(b * H, M, d).baddbmm_(g.view(b * H, R, M).transpose(1, 2), qs.reshape(b * H, R, d),
-                                                   beta=beta)
+                g = torch.bmm(g_out, v_c.transpose(1, 2))
+            g = g.view(b, H, R, M)
+            a_t = attn[rows].reshape(b * H, R, M).transpose(1, 2)
+            grad_v[i:j].view(b * H, M, -1).baddbmm_(a_t, g_out, beta=beta)
+        else:
+            g = grad_attn[rows] if grad_attn is not None else attn.new_zeros(b, H, R, M)
+        if grad_prev is not None:
+            torch.mul(g, scale, out=grad_prev[rows])
+        qs = q[rows] * scale  # (b, H, R, d)
+        p = torch.matmul(qs, k[i:j].transpose(-2, -1)).softmax(dim=-1)  # recomputed, not stored
+        g = torch._softmax_backward_data(g, p, -1, p.dtype)  # dL/dlogits
+        torch.matmul(g, k[i:j], out=grad_q[rows]).mul_(scale)
+        grad_k[i:j].view(b * H, M, d).baddbmm_(g.view(b * H, R, M).transpose(1, 2), qs.reshape(b * H, R, d),
+                                               beta=beta)
     return grad_q, grad_k, grad_v, grad_prev
 
 
@@ -224,12 +231,11 @@ def refine_aggregate(attn: Tensor, v: Tensor, refine: nn.Module, norm: nn.Module
         B, H, N, M = attn.shape
         E, halo = refine.expanded_heads, refine.kernel_size // 2
         v = v * scale if scale != 1.0 else v  # (s·R) @ v = R @ (s·v): scale the small operand
-        for i, j in _chunks(attn, E * N * M):
-            for r0, r1 in _row_slabs(attn, N, (j - i) * E * M):
-                # rows r0..r1 of the refined map, from the input rows its k×k convolution reaches
-                lo, hi = max(r0 - halo, 0), min(r1 + halo, N)
-                refined = norm(refine(attn[i:j, :, lo:hi]))[:, :, r0 - lo:r1 - lo]  # (b, H, r1 - r0, M)
-                out[i:j, :, r0:r1] = torch.matmul(refined, v[i:j])
+        for i, j, r0, r1 in _blocks(attn, E * M):
+            # rows r0..r1 of the refined map, from the input rows its k×k convolution reaches
+            lo, hi = _halo(r0, r1, halo, N)
+            refined = norm(refine(attn[i:j, :, lo:hi]))[:, :, r0 - lo:r1 - lo]  # (b, H, r1 - r0, M)
+            out[i:j, :, r0:r1] = torch.matmul(refined, v[i:j])
         return out
 
 
@@ -297,7 +303,7 @@ def _col_dots(x: Tensor, y: Tensor) -> Tensor:
 
 def _reduce_into(u: Tensor, w3: Tensor, out: Tensor) -> Tensor:
     """The 1×1 reduction (H, E) of channels-last u (b, E, N, M), written head-major into out (b, H, N, M)."""
-    b, E, N, M = u.shape
+    b, E, N, M = u.shape  # N: the rows of a slab
     x = u.permute(0, 2, 3, 1).reshape(b, N * M, E)
     return torch.bmm(w3.expand(b, -1, -1), x.transpose(1, 2), out=out.view(b, -1, N * M)).view(out.shape)
 
@@ -366,6 +372,7 @@ class _RefineAggregate(torch.autograd.Function):
         E = w1.shape[0]
         w1m, w3m = w1.reshape(E, H), w3.reshape(H, E)
         chunks = _chunks(a, E * N * M)
+        blocks = _blocks(a, E * M)  # chunks of samples, cut into slabs of rows at large inputs
         # BN1: statistics of W1·a from the input's covariance (no pass over expanded maps)
         mu, cov = _input_stats(a)
         mean1 = w1m @ mu
@@ -373,8 +380,10 @@ class _RefineAggregate(torch.autograd.Function):
         s1, h1, _ = _affine(g1, b1, mean1, var1, bns[0].eps)
         # pass 1: BN2's statistics
         sums = torch.zeros(2, E, dtype=torch.float64, device=a.device)
-        for i, j in chunks:
-            p2 = _rows(F.conv2d(F.hardtanh_(_expand(a[i:j], w1m, s1, h1), 0., 6.), w2, None, padding=pad, groups=E))
+        for i, j, r0, r1 in blocks:
+            lo, hi = _halo(r0, r1, pad, N)  # input rows of output rows r0..r1
+            t1 = F.hardtanh_(_expand(a[i:j, :, lo:hi], w1m, s1, h1), 0., 6.)
+            p2 = _rows(F.conv2d(t1, w2, None, padding=pad, groups=E)[:, :, r0 - lo:r1 - lo])
             sums[0] += _col_sums(p2)
             sums[1] += _col_dots(p2, p2)
         mean2, var2 = _mean_var(sums[0], sums[1], n, a.dtype)
@@ -383,10 +392,11 @@ class _RefineAggregate(torch.autograd.Function):
         o = torch.empty_like(a)
         w2s = w2 * s2.view(-1, 1, 1, 1)
         sums = torch.zeros(2, H, dtype=torch.float64, device=a.device)
-        for i, j in chunks:
-            t1 = F.hardtanh_(_expand(a[i:j], w1m, s1, h1), 0., 6.)
-            u = F.hardtanh_(F.conv2d(t1, w2s, h2, padding=pad, groups=E), 0., 6.)
-            sums += _head_sums(_reduce_into(u, w3m, o[i:j]))
+        for i, j, r0, r1 in blocks:
+            lo, hi = _halo(r0, r1, pad, N)
+            t1 = F.hardtanh_(_expand(a[i:j, :, lo:hi], w1m, s1, h1), 0., 6.)
+            u = F.hardtanh_(F.conv2d(t1, w2s, h2, padding=pad, groups=E)[:, :, r0 - lo:r1 - lo], 0., 6.)
+            sums += _head_sums(_reduce_into(u, w3m, o[i:j, :, r0:r1]))
         mean3, var3 = _mean_var(sums[0], sums[1], n, a.dtype)
         s3, h3, _ = _affine(g3, b3, mean3, var3, bns[2].eps)
         stats = [(mean1, var1), (mean2, var2), (mean3, var3)]
@@ -408,8 +418,9 @@ class _RefineAggregate(torch.autograd.Function):
         ha = ha + sa * h3  # refined = sa·r + ha = sa·r0 + (ha + sa·h3)
         # pass 4: aggregate v with the refined map
         out = v.new_empty(v.shape)
-        for i, j in chunks:
-            torch.matmul(torch.addcmul(_col(ha), o[i:j], _col(sa)), v[i:j], out=out[i:j])
+        for i, j, r0, r1 in _blocks(a, H * M):
+            rows = (slice(i, j), slice(None), slice(r0, r1))
+            torch.matmul(torch.addcmul(_col(ha), o[rows], _col(sa)), v[i:j], out=out[rows])
         del o
         if update:
             for bn, (mean, var) in zip(bns, stats):
@@ -431,6 +442,7 @@ class _RefineAggregate(torch.autograd.Function):
         dt = a.dtype
         w1m, w3m = w1.reshape(E, H), w3.reshape(H, E)
         chunks = _chunks(a, E * N * M)
+        blocks = _blocks(a, E * M)
         s1, h1, inv1 = _affine(g1, b1, mean1, var1, bns[0].eps)
         s2, h2, inv2 = _affine(g2, b2, mean2, var2, bns[1].eps)
         s3, h3, inv3 = _affine(g3, b3, mean3, var3, bns[2].eps)
@@ -440,13 +452,15 @@ class _RefineAggregate(torch.autograd.Function):
         else:
             sa, ha = torch.ones_like(s3), torch.zeros_like(h3)
 
-        def chain(i: int, j: int) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-            """Recompute one chunk: z = BN1(W1·a) and t1 = relu6(z) as channels-last maps, then
-            p2 = dw(t1) and y2 = BN2(p2) as (P, E) rows."""
-            z = _expand(a[i:j], w1m, s1, h1)
+        def chain(i: int, j: int, r0: int, r1: int) -> Tuple[Tensor, Tensor, Tensor, Tensor, int]:
+            """Recompute samples i..j: z = BN1(W1·a) and t1 = relu6(z) as channels-last maps of the
+            rows lo.. that the local convolution reads, then p2 = dw(t1) and y2 = BN2(p2) of rows
+            r0..r1 as (P, E) rows. Returns z, t1, p2, y2, lo."""
+            lo, hi = _halo(r0, r1, pad, N)
+            z = _expand(a[i:j, :, lo:hi], w1m, s1, h1)
             t1 = F.relu6(z)
-            p2 = _rows(F.conv2d(t1, w2, None, padding=pad, groups=E))
-            return z, t1, p2, torch.addcmul(h2, p2, s2)
+            p2 = _rows(F.conv2d(t1, w2, None, padding=pad, groups=E)[:, :, r0 - lo:r1 - lo])
+            return z, t1, p2, torch.addcmul(h2, p2, s2), lo
 
         def r0_of(i: int, j: int, o: Tensor) -> Tensor:
             """r - h3 = s3·o + a (the shift h3 is folded into the constants that use r)."""
@@ -455,17 +469,21 @@ class _RefineAggregate(torch.autograd.Function):
         # pass 1: o; dL/dv; g = dL/d(refined map); the post norm's sums
         o = torch.empty_like(a)
         g = torch.empty_like(a)  # dL/d(refined), then dL/dr, then dL/do, in place
-        grad_v = torch.empty_like(v)
+        grad_v = v.new_empty(v.shape)  # contiguous: row slabs accumulate into it
         sums = torch.zeros(2, H, dtype=torch.float64, device=a.device)
         refined_shift, refined_scale = _col((ha + sa * h3) * scale), _col(sa * scale)  # refined = these·r0
-        for i, j in chunks:
-            u = F.hardtanh_(chain(i, j)[3], 0., 6.).view(j - i, N, M, E).permute(0, 3, 1, 2)
-            _reduce_into(u, w3m, o[i:j])
-            r0 = r0_of(i, j, o)
-            refined = torch.addcmul(refined_shift, r0, refined_scale)
-            torch.matmul(refined.transpose(-2, -1), grad_out[i:j], out=grad_v[i:j])
-            gm = torch.matmul(grad_out[i:j], v[i:j].transpose(-2, -1), out=g[i:j])
-            sums += _head_sums(gm, r0)
+        for i, j, r0, r1 in blocks:
+            b, R = j - i, r1 - r0
+            rows = (slice(i, j), slice(None), slice(r0, r1))
+            u = F.hardtanh_(chain(i, j, r0, r1)[3], 0., 6.).view(b, R, M, E).permute(0, 3, 1, 2)
+            _reduce_into(u, w3m, o[rows])
+            r0_map = torch.addcmul(a[rows], o[rows], _col(s3))  # r - h3, see r0_of
+            refined = torch.addcmul(refined_shift, r0_map, refined_scale)
+            # dL/dv sums over row slabs: the first writes it (beta=0), later ones add
+            grad_v[i:j].view(b * H, M, -1).baddbmm_(refined.view(b * H, R, M).transpose(1, 2),
+                                                    grad_out[rows].reshape(b * H, R, -1), beta=int(r0 > 0))
+            gm = torch.matmul(grad_out[rows], v[i:j].transpose(-2, -1), out=g[rows])
+            sums += _head_sums(gm, r0_map)
         sums[1] += h3.double() * sums[0]  # Σg·r = Σg·r0 + h3·Σg
         # closed-form BatchNorm backward, see _bn_backward_affine: dx = s·g + c1·x + c0
         sum_g, sum_gr = (t.to(dt) for t in sums)
@@ -489,10 +507,11 @@ class _RefineAggregate(torch.autograd.Function):
         # pass 3: dL/do; through the reduction and ReLU6 to BN2's output; W3's gradient; BN2's sums
         grad_w3 = torch.zeros(H, E, dtype=dt, device=a.device)
         sums = torch.zeros(2, E, dtype=torch.float64, device=a.device)
-        for i, j in chunks:
+        for i, j, r0, r1 in blocks:
             b = j - i
-            _, _, p2, y2 = chain(i, j)
-            go = torch.addcmul(torch.addcmul(_col(c0_3), o[i:j], _col(c1_3)), g[i:j], _col(s3), out=g[i:j])
+            rows = (slice(i, j), slice(None), slice(r0, r1))
+            _, _, p2, y2, _ = chain(i, j, r0, r1)
+            go = torch.addcmul(torch.addcmul(_col(c0_3), o[rows], _col(c1_3)), g[rows], _col(s3), out=g[rows])
             go = go.view(b, H, -1)
             grad_w3 += torch.matmul(go, F.relu6(y2).view(b, -1, E)).sum(0)
             gu = torch.matmul(go.transpose(1, 2), w3m).view(-1, E)  # (P, E)
@@ -507,21 +526,31 @@ class _RefineAggregate(torch.autograd.Function):
         gram = torch.zeros(E, H, dtype=torch.float64, device=a.device)  # Σ dL/dz · aᵀ
         sum1 = torch.zeros(E, dtype=torch.float64, device=a.device)
         w1s = w1m * s1[:, None]
-        for i, j in chunks:
-            b = j - i
-            z, t1, p2, y2 = chain(i, j)
-            gu = torch.matmul(g[i:j].view(b, H, -1).transpose(1, 2), w3m).view(-1, E)  # (P, E)
+        for i, j, r0, r1 in blocks:
+            b, R = j - i, r1 - r0
+            # dL/dt1 of rows r0..r1 needs dL/dp2 of the rows e0..e1 that the convolution reaches
+            e0, e1 = _halo(r0, r1, pad, N)
+            z, t1, p2, y2, lo = chain(i, j, e0, e1)
+            gu = torch.matmul(g[i:j, :, e0:e1].reshape(b, H, -1).transpose(1, 2), w3m).view(-1, E)  # (P, E)
             gy = torch.ops.aten.hardtanh_backward(gu, y2, 0., 6.)
             gp2 = torch.addcmul(torch.addcmul(c0_2, p2, c1_2), gy, s2, out=gy)  # dL/dp2
-            gt1, gw2, _ = torch.ops.aten.convolution_backward(
-                gp2.view(b, N, M, E).permute(0, 3, 1, 2), t1, w2, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], E,
-                [True, True, False])
+            gp2 = gp2.view(b, e1 - e0, M, E).permute(0, 3, 1, 2)
+            t1 = t1[:, :, e0 - lo:e1 - lo]  # the rows e0..e1 that the convolution's weight sees
+            conv_args = (w2, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], E)
+            if (e0, e1) == (r0, r1):  # the whole map
+                gt1, gw2, _ = torch.ops.aten.convolution_backward(gp2, t1, *conv_args, [True, True, False])
+            else:  # the halo rows' own weight gradient belongs to the neighbouring slabs
+                gt1 = torch.ops.aten.convolution_backward(gp2, t1, *conv_args, [True, False, False])[0]
+                gp2[:, :, :r0 - e0].zero_()
+                gp2[:, :, r1 - e0:].zero_()
+                gw2 = torch.ops.aten.convolution_backward(gp2, t1, *conv_args, [False, True, False])[1]
             grad_w2 += gw2
-            gz = _rows(torch.ops.aten.hardtanh_backward(gt1, z, 0., 6.)).view(b, -1, E)  # (b, N·M, E)
-            ac = a[i:j].reshape(b, H, -1)  # (b, H, N·M)
+            zr = z[:, :, r0 - lo:r1 - lo]
+            gz = _rows(torch.ops.aten.hardtanh_backward(gt1[:, :, r0 - e0:r1 - e0], zr, 0., 6.)).view(b, -1, E)
+            ac = a[i:j, :, r0:r1].reshape(b, H, -1)  # (b, H, R·M)
             gram += torch.matmul(gz.transpose(1, 2), ac.transpose(1, 2)).sum(0, dtype=torch.float64)
             sum1 += _col_sums(gz.reshape(-1, E))
-            grad_a[i:j] += torch.matmul(w1s.t(), gz.transpose(1, 2)).view(b, H, N, M)
+            grad_a[i:j, :, r0:r1] += torch.matmul(w1s.t(), gz.transpose(1, 2)).view(b, H, R, M)
         del g
         # BN1 in closed form through q = W1·a: dq = s1·(g - S1/n - q̂·T1/n), T1 = Σ g·q̂, where
         # Σ g·q = diag(G·W1ᵀ) with G = Σ g·aᵀ, and Σ q̂·aᵀ = (n/σ1)·W1·Σ_a
