@@ -33,7 +33,7 @@ Operations:
 Everything else (other DLA forms, dropout on the maps, TorchScript, torch.compile) takes the plain
 autograd path.
 """
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -322,7 +322,7 @@ def _input_stats(a: Tensor) -> Tuple[Tensor, Tensor]:
     gram = torch.zeros(H, H, dtype=torch.float64, device=a.device)
     for i, j in _chunks(a):
         x = a[i:j].reshape(j - i, H, -1)
-        total += x.sum((0, 2), dtype=torch.float64)
+        total += x.sum((0, 2)).double()  # float32 within a chunk (a float64 sum would copy x)
         gram += torch.matmul(x, x.transpose(1, 2)).sum(0, dtype=torch.float64)
     mu = total / n
     return mu.to(a.dtype), (gram / n - torch.outer(mu, mu)).to(a.dtype)
@@ -462,13 +462,13 @@ class _RefineAggregate(torch.autograd.Function):
             p2 = _rows(F.conv2d(t1, w2, None, padding=pad, groups=E)[:, :, r0 - lo:r1 - lo])
             return z, t1, p2, torch.addcmul(h2, p2, s2), lo
 
-        def r0_of(i: int, j: int, o: Tensor) -> Tensor:
-            """r - h3 = s3·o + a (the shift h3 is folded into the constants that use r)."""
-            return torch.addcmul(a[i:j], o[i:j], _col(s3))
+        def r0_of(o: Tensor, index: Union[slice, Tuple[slice, ...]]) -> Tensor:
+            """r - h3 = s3·o + a at ``index`` (the shift h3 is folded into the constants that use r)."""
+            return torch.addcmul(a[index], o[index], _col(s3))
 
         # pass 1: o; dL/dv; g = dL/d(refined map); the post norm's sums
         o = torch.empty_like(a)
-        g = torch.empty_like(a)  # dL/d(refined), then dL/dr, then dL/do, in place
+        g = torch.empty_like(a)  # dL/d(refined), then dL/do (pass 3), in place
         grad_v = v.new_empty(v.shape)  # contiguous: row slabs accumulate into it
         sums = torch.zeros(2, H, dtype=torch.float64, device=a.device)
         refined_shift, refined_scale = _col((ha + sa * h3) * scale), _col(sa * scale)  # refined = these·r0
@@ -477,7 +477,7 @@ class _RefineAggregate(torch.autograd.Function):
             rows = (slice(i, j), slice(None), slice(r0, r1))
             u = F.hardtanh_(chain(i, j, r0, r1)[3], 0., 6.).view(b, R, M, E).permute(0, 3, 1, 2)
             _reduce_into(u, w3m, o[rows])
-            r0_map = torch.addcmul(a[rows], o[rows], _col(s3))  # r - h3, see r0_of
+            r0_map = r0_of(o, rows)
             refined = torch.addcmul(refined_shift, r0_map, refined_scale)
             # dL/dv sums over row slabs: the first writes it (beta=0), later ones add
             grad_v[i:j].view(b * H, M, -1).baddbmm_(refined.view(b * H, R, M).transpose(1, 2),
@@ -498,9 +498,9 @@ class _RefineAggregate(torch.autograd.Function):
         grad_a = torch.empty_like(a)
         sums = torch.zeros(2, H, dtype=torch.float64, device=a.device)
         c0r = c0a + c1a * h3  # c0 + c1·r = (c0 + c1·h3) + c1·r0
-        for i, j in chunks:
-            gr = torch.addcmul(torch.addcmul(_col(c0r), r0_of(i, j, o), _col(c1a)), g[i:j], _col(sa_), out=g[i:j])
-            grad_a[i:j] = gr
+        for i, j in chunks:  # dL/dr goes to grad_a only; pass 3 reads it there
+            gr = torch.addcmul(torch.addcmul(_col(c0r), r0_of(o, slice(i, j)), _col(c1a)), g[i:j], _col(sa_),
+                               out=grad_a[i:j])
             sums += _head_sums(gr, o[i:j])
         grad_g3, grad_b3, c1_3, c0_3 = _bn_backward_affine(s3, mean3, inv3, sums[0].to(dt), sums[1].to(dt), n)
 
@@ -511,7 +511,7 @@ class _RefineAggregate(torch.autograd.Function):
             b = j - i
             rows = (slice(i, j), slice(None), slice(r0, r1))
             _, _, p2, y2, _ = chain(i, j, r0, r1)
-            go = torch.addcmul(torch.addcmul(_col(c0_3), o[rows], _col(c1_3)), g[rows], _col(s3), out=g[rows])
+            go = torch.addcmul(torch.addcmul(_col(c0_3), o[rows], _col(c1_3)), grad_a[rows], _col(s3), out=g[rows])
             go = go.view(b, H, -1)
             grad_w3 += torch.matmul(go, F.relu6(y2).view(b, -1, E)).sum(0)
             gu = torch.matmul(go.transpose(1, 2), w3m).view(-1, E)  # (P, E)
