@@ -322,7 +322,7 @@ def _input_stats(a: Tensor) -> Tuple[Tensor, Tensor]:
     gram = torch.zeros(H, H, dtype=torch.float64, device=a.device)
     for i, j in _chunks(a):
         x = a[i:j].reshape(j - i, H, -1)
-        total += x.sum((0, 2)).double()  # float32 within a chunk (a float64 sum would copy x)
+        total += x.sum((0, 2), dtype=torch.float64)
         gram += torch.matmul(x, x.transpose(1, 2)).sum(0, dtype=torch.float64)
     mu = total / n
     return mu.to(a.dtype), (gram / n - torch.outer(mu, mu)).to(a.dtype)
