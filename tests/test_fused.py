@@ -134,3 +134,29 @@ def test_maps_larger_than_the_chunk_budget_go_a_few_rows_at_a_time(monkeypatch, 
     torch.testing.assert_close(sliced[1], whole[1], rtol=1e-10, atol=1e-12)
     for (name, _), g1, g2 in zip(model.named_parameters(), sliced[2], whole[2]):
         torch.testing.assert_close(g1, g2, rtol=1e-8, atol=1e-10, msg=f'gradient of {name}')
+
+
+def test_training_keeps_every_other_handed_over_map():
+    """Of the maps handed from block to block, training keeps every other one for backward; the rest
+    carry a recipe (q, k and the kept map before them) and are rebuilt in backward, bit for bit."""
+    from refiner.layers.fused import _recipe
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model('refiner_vit_nano', num_classes=5, img_size=16))  # 3 attention blocks
+    maps = []
+    for blk in model.blocks[::2]:
+        blk.register_forward_hook(lambda m, inp, out: maps.append(out[1]))
+    x = torch.randn(2, 3, 16, 16)
+    kept = set()
+
+    def pack(t):
+        if t.shape == (2, 4, 17, 17):  # (B, H, N, N)
+            kept.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model.train()(x)
+    assert [_recipe(m) is not None for m in maps] == [True, False, True]
+    assert kept == {maps[1].untyped_storage().data_ptr()}
+    for m in (maps[0], maps[2]):
+        assert torch.equal(_recipe(m).rebuild(), m)
+    out.sum().backward()  # rebuilds them (test_model_train_step_matches_reference checks the gradients)

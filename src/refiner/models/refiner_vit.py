@@ -360,9 +360,11 @@ class RefinerViT(nn.Module):
 
     def _run_blocks(
             self, x: torch.Tensor, take_indices: Optional[List[int]] = None, max_index: int = -1,
+            keep_maps: bool = False,
     ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
         """Blocks in turn, each handing its attention map to the next. Returns the tokens, the
-        outputs of the blocks in ``take_indices`` and the maps the blocks handed on."""
+        outputs of the blocks in ``take_indices`` and, with ``keep_maps``, the maps the blocks handed
+        on (else none: in training, a map that no block keeps for backward is freed once handed on)."""
         intermediates: List[torch.Tensor] = []
         maps: List[torch.Tensor] = []
         attn: Optional[torch.Tensor] = None
@@ -374,7 +376,8 @@ class RefinerViT(nn.Module):
                 else:
                     x, a = blk(x, prev)
                 attn = a
-                maps.append(a)
+                if keep_maps:
+                    maps.append(a)
                 if take_indices is not None and i in take_indices:
                     intermediates.append(x)
         return x, intermediates, maps
@@ -486,7 +489,7 @@ class RefinerViT(nn.Module):
             top, left, bottom, right = mix_box
             grid = grid.clone()
             grid[:, top:bottom, left:right] = grid.flip(0)[:, top:bottom, left:right]
-        x, _, maps = self._run_blocks(self._pos_embed(grid))
+        x, _, maps = self._run_blocks(self._pos_embed(grid), keep_maps=return_attn)
         x = self.norm(x)
         out: Dict[str, Any] = {'logits': self.head(self.head_drop(self.pool(x)))}
         if self.aux_head is not None:
