@@ -38,7 +38,7 @@ Operations:
 Everything else (other DLA forms, dropout on the maps, TorchScript, torch.compile) takes the plain
 autograd path.
 """
-from typing import List, NamedTuple, Optional, Tuple, Union
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -502,31 +502,33 @@ class _RefineAggregate(torch.autograd.Function):
             p2 = _rows(F.conv2d(t1, w2, None, padding=pad, groups=E)[:, :, r0 - lo:r1 - lo])
             return z, t1, p2, torch.addcmul(h2, p2, s2), lo
 
-        def r0_of(o: Tensor, index: Union[slice, Tuple[slice, ...]]) -> Tensor:
-            """r - h3 = s3·o + a at ``index`` (the shift h3 is folded into the constants that use r)."""
-            return torch.addcmul(a[index], o[index], _col(s3))
+        def reduced(u: Tensor, b: int, R: int) -> Tensor:
+            """o = W3·u of rows (P, E) = (b·R·M, E), as head-major (b, H, R, M) maps."""
+            return _reduce_into(u.view(b, R, M, E).permute(0, 3, 1, 2), w3m, a.new_empty(b, H, R, M))
 
-        # pass 1: o; dL/dv; g = dL/d(refined map); the post norm's sums
-        o = torch.empty_like(a)
-        g = torch.empty_like(a)  # dL/d(refined), then dL/do (pass 3), in place
+        # pass 1: dL/dv; g = dL/d(refined map); the post norm's sums, and BN3's: dL/dr = c0 + c1·r + s·g
+        # is affine in quantities of this pass, so its sums Σ dL/dr and Σ dL/dr·o are too (o is not kept)
+        g = torch.empty_like(a)  # dL/d(refined), then dL/do (pass 2), in place
         grad_v = v.new_empty(v.shape)  # contiguous: row slabs accumulate into it
-        sums = torch.zeros(2, H, dtype=torch.float64, device=a.device)
+        sums = torch.zeros(5, H, dtype=torch.float64, device=a.device)
         refined_shift, refined_scale = _col((ha + sa * h3) * scale), _col(sa * scale)  # refined = these·r0
         for i, j, r0, r1 in blocks:
             b, R = j - i, r1 - r0
             rows = (slice(i, j), slice(None), slice(r0, r1))
-            u = F.hardtanh_(chain(i, j, r0, r1)[3], 0., 6.).view(b, R, M, E).permute(0, 3, 1, 2)
-            _reduce_into(u, w3m, o[rows])
-            r0_map = r0_of(o, rows)
+            o = reduced(F.hardtanh_(chain(i, j, r0, r1)[3], 0., 6.), b, R)
+            r0_map = torch.addcmul(a[rows], o, _col(s3))  # r - h3 = s3·o + a (h3 is folded into constants)
             refined = torch.addcmul(refined_shift, r0_map, refined_scale)
             # dL/dv sums over row slabs: the first writes it (beta=0), later ones add
             grad_v[i:j].view(b * H, M, -1).baddbmm_(refined.view(b * H, R, M).transpose(1, 2),
                                                     grad_out[rows].reshape(b * H, R, -1), beta=int(r0 > 0))
             gm = torch.matmul(grad_out[rows], v[i:j].transpose(-2, -1), out=g[rows])
-            sums += _head_sums(gm, r0_map)
-        sums[1] += h3.double() * sums[0]  # Σg·r = Σg·r0 + h3·Σg
+            sums[0:2] += _head_sums(gm, r0_map)  # Σg, Σg·r0
+            sums[2:4] += _head_sums(o, r0_map)  # Σo, Σo·r0
+            sums[4] += (gm * o).flatten(2).sum((0, 2)).double()  # Σg·o
+        S_g, S_gr0, S_o, S_or0, S_go = sums
+        S_r0 = s3.double() * S_o + n * mu.double()  # Σr0 = s3·Σo + Σa
         # closed-form BatchNorm backward, see _bn_backward_affine: dx = s·g + c1·x + c0
-        sum_g, sum_gr = (t.to(dt) for t in sums)
+        sum_g, sum_gr = S_g.to(dt), (S_gr0 + h3.double() * S_g).to(dt)  # Σg·r = Σg·r0 + h3·Σg
         if ga is not None:  # refined = scale·(sa·r + ha)
             grad_ga, grad_ba, c1a, c0a = _bn_backward_affine(sa, mean_a, inva, sum_g, sum_gr, n)
             grad_ga, grad_ba = grad_ga * scale, grad_ba * scale
@@ -534,34 +536,36 @@ class _RefineAggregate(torch.autograd.Function):
         else:
             grad_ga = grad_ba = None
             sa_, c1a, c0a = torch.full_like(s3, scale), torch.zeros_like(s3), torch.zeros_like(s3)
-        # pass 2: dL/dr (its residual share is dL/da's first term), BN3's sums
-        grad_a = torch.empty_like(a)
-        sums = torch.zeros(2, H, dtype=torch.float64, device=a.device)
-        c0r = c0a + c1a * h3  # c0 + c1·r = (c0 + c1·h3) + c1·r0
-        for i, j in chunks:  # dL/dr goes to grad_a only; pass 3 reads it there
-            gr = torch.addcmul(torch.addcmul(_col(c0r), r0_of(o, slice(i, j)), _col(c1a)), g[i:j], _col(sa_),
-                               out=grad_a[i:j])
-            sums += _head_sums(gr, o[i:j])
-        grad_g3, grad_b3, c1_3, c0_3 = _bn_backward_affine(s3, mean3, inv3, sums[0].to(dt), sums[1].to(dt), n)
+        # dL/dr = c0r + c1a·r0 + sa_·g with c0r = c0 + c1·h3; BN3's sums from pass 1's
+        c0r = c0a + c1a * h3
+        k0, k1, k2 = (t.double() for t in (c0r, c1a, sa_))
+        sum_dr = k0 * n + k1 * S_r0 + k2 * S_g
+        sum_dro = k0 * S_o + k1 * S_or0 + k2 * S_go
+        grad_g3, grad_b3, c1_3, c0_3 = _bn_backward_affine(s3, mean3, inv3, sum_dr.to(dt), sum_dro.to(dt), n)
 
-        # pass 3: dL/do; through the reduction and ReLU6 to BN2's output; W3's gradient; BN2's sums
+        # pass 2: dL/dr (dL/da's residual term) and dL/do; through the reduction and ReLU6 to BN2's
+        # output; W3's gradient; BN2's sums
+        grad_a = torch.empty_like(a)
         grad_w3 = torch.zeros(H, E, dtype=dt, device=a.device)
         sums = torch.zeros(2, E, dtype=torch.float64, device=a.device)
         for i, j, r0, r1 in blocks:
-            b = j - i
+            b, R = j - i, r1 - r0
             rows = (slice(i, j), slice(None), slice(r0, r1))
             _, _, p2, y2, _ = chain(i, j, r0, r1)
-            go = torch.addcmul(torch.addcmul(_col(c0_3), o[rows], _col(c1_3)), grad_a[rows], _col(s3), out=g[rows])
+            u = F.relu6(y2)
+            o = reduced(u, b, R)
+            r0_map = torch.addcmul(a[rows], o, _col(s3))
+            gr = torch.addcmul(torch.addcmul(_col(c0r), r0_map, _col(c1a)), g[rows], _col(sa_), out=grad_a[rows])
+            go = torch.addcmul(torch.addcmul(_col(c0_3), o, _col(c1_3)), gr, _col(s3), out=g[rows])
             go = go.view(b, H, -1)
-            grad_w3 += torch.matmul(go, F.relu6(y2).view(b, -1, E)).sum(0)
+            grad_w3 += torch.matmul(go, u.view(b, -1, E)).sum(0)
             gu = torch.matmul(go.transpose(1, 2), w3m).view(-1, E)  # (P, E)
             gy = torch.ops.aten.hardtanh_backward(gu, y2, 0., 6.)
             sums[0] += _col_sums(gy)
             sums[1] += _col_dots(gy, p2)
-        del o
         grad_g2, grad_b2, c1_2, c0_2 = _bn_backward_affine(s2, mean2, inv2, sums[0].to(dt), sums[1].to(dt), n)
 
-        # pass 4: through BN2, the local convolution and ReLU6 to z; sums for BN1; dL/da's direct term
+        # pass 3: through BN2, the local convolution and ReLU6 to z; sums for BN1; dL/da's direct term
         grad_w2 = torch.zeros_like(w2)
         gram = torch.zeros(E, H, dtype=torch.float64, device=a.device)  # Σ dL/dz · aᵀ
         sum1 = torch.zeros(E, dtype=torch.float64, device=a.device)
