@@ -29,9 +29,11 @@ Operations:
     out = (scale · norm(DLA(attn))) @ v, with the authors' inverted-residual DLA
     (1×1 expansion, BN, ReLU6, k×k depthwise, BN, ReLU6, 1×1 reduction, BN, + attn). Training
     BatchNorms use batch statistics, which couple all samples: the forward takes one cache-sized
-    pass per statistic, and the backward applies BatchNorm's backward in closed form, one pass per
-    BatchNorm, accumulating per-channel sums. The expansion's statistics need no pass over the
-    expanded maps: for q = W·a, mean(q) = W·μ_a and var(q) = diag(W·Σ_a·Wᵀ).
+    pass per statistic, and the backward applies BatchNorm's backward in closed form from
+    per-channel sums, in three passes: the post norm's and the reduction's BatchNorms share the
+    first (the reduction's input gradient is affine in that pass's quantities). The expansion's
+    statistics need no pass over the expanded maps: for q = W·a, mean(q) = W·μ_a and
+    var(q) = diag(W·Σ_a·Wᵀ).
 
 ``gelu_linear(h, w, b)``: the end of an MLP, fc2(gelu(h)), saving h but not gelu(h).
 
