@@ -160,3 +160,26 @@ def test_training_keeps_every_other_handed_over_map():
     for m in (maps[0], maps[2]):
         assert torch.equal(_recipe(m).rebuild(), m)
     out.sum().backward()  # rebuilds them (test_model_train_step_matches_reference checks the gradients)
+    # under gradient checkpointing each block keeps its input map anyway: no recipe holds q and k
+    model.set_grad_checkpointing()
+    maps = model.forward_train(x, return_attn=True)['attn']
+    assert all(_recipe(m) is None for m in maps)
+
+
+def test_map_changed_in_place_before_its_refining_block_is_kept_not_rebuilt():
+    """A recipe rebuilds the map as its attention block made it; a map changed in place since then
+    is kept for backward instead (gradients as for the same change made out of place)."""
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model('refiner_vit_nano', num_classes=5, img_size=16)).double().train()
+    in_place, out_of_place = copy.deepcopy(model), model
+
+    def halve_in_place(m, inp, out):
+        out[1].mul_(0.5)
+
+    in_place.blocks[0].register_forward_hook(halve_in_place)
+    out_of_place.blocks[0].register_forward_hook(lambda m, inp, out: (out[0], out[1] * 0.5))
+    x = torch.randn(3, 3, 16, 16, dtype=torch.double)
+    for m in (in_place, out_of_place):
+        m(x).square().sum().backward()
+    for (name, p1), p2 in zip(in_place.named_parameters(), out_of_place.parameters()):
+        torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-9, atol=1e-11, msg=f'gradient of {name}')

@@ -48,7 +48,8 @@ from torch import nn
 
 from .norm import recomputing
 
-__all__ = ['CHUNK_BYTES', 'attention_handover', 'eager_mode', 'gelu_linear', 'kernels_apply', 'refine_aggregate']
+__all__ = ['CHUNK_BYTES', 'attention_handover', 'eager_mode', 'forget_recipe', 'gelu_linear', 'kernels_apply',
+           'refine_aggregate']
 
 # Work is split into chunks of whole samples whose largest temporary (for a refining block, its
 # expanded maps, r·H·N²·4 bytes per sample) stays near CHUNK_BYTES. On a CPU that keeps each pass
@@ -129,7 +130,8 @@ def attention_handover(q: Tensor, k: Tensor, v: Optional[Tensor], prev: Optional
             else:
                 out, attn = _AttentionHandover.apply(q, k, v, prev, scale, recompute)
             if recompute:
-                setattr(attn, _RECIPE, _Recipe(q.detach(), k.detach(), None if prev is None else prev.detach(), scale))
+                setattr(attn, _RECIPE, _Recipe(q.detach(), k.detach(), None if prev is None else prev.detach(), scale,
+                                               attn._version))
             return out, attn
         with torch.no_grad():
             return _attention_forward(q, k, v, prev, scale)
@@ -144,13 +146,23 @@ class _Recipe(NamedTuple):
     k: Tensor
     prev: Optional[Tensor]
     scale: float
+    version: int  # A's version counter when it was made
 
     def rebuild(self) -> Tensor:
         return _attention_forward(self.q, self.k, None, self.prev, self.scale)[1]
 
 
 def _recipe(attn: Tensor) -> Optional[_Recipe]:
-    return getattr(attn, _RECIPE, None)
+    recipe = getattr(attn, _RECIPE, None)
+    # a map changed in place since it was made is no longer what its recipe rebuilds: keep it instead
+    return recipe if recipe is not None and recipe.version == attn._version else None
+
+
+def forget_recipe(attn: Tensor) -> None:
+    """Drop the recipe of a handed-over map, for callers that keep the map anyway (a checkpointed
+    block keeps its inputs); there the recipe would only hold its block's q and k."""
+    if hasattr(attn, _RECIPE):
+        delattr(attn, _RECIPE)
 
 
 def _attention_forward(q: Tensor, k: Tensor, v: Optional[Tensor], prev: Optional[Tensor], scale: float
@@ -476,7 +488,7 @@ class _RefineAggregate(torch.autograd.Function):
         bns, scale, pad, recipe_scale = ctx.meta
         a, q, k, prev, v, w1, g1, b1, w2, g2, b2, w3, g3, b3, ga, ba, mu, cov, *stats = ctx.saved_tensors
         if a is None:
-            a = _Recipe(q, k, prev, recipe_scale).rebuild()
+            a = _attention_forward(q, k, None, prev, recipe_scale)[1]  # as _Recipe.rebuild
         mean1, var1, mean2, var2, mean3, var3 = stats[:6]
         B, H, N, M = a.shape
         n = B * N * M

@@ -30,7 +30,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..layers import BatchNorm2d, DistributedLocalAttention, RefinedAttention
-from ..layers.fused import eager_mode, gelu_linear, kernels_apply
+from ..layers.fused import eager_mode, forget_recipe, gelu_linear, kernels_apply
 from ..layers.memory import MMAP_THRESHOLD_MAX, release_free_heap
 
 __all__ = ['RefinerViT', 'RefinerBlock', 'ConvStem', 'check_image_input']
@@ -373,6 +373,7 @@ class RefinerViT(nn.Module):
                 prev = attn if self.attn_handover or self.refine_blocks[i] else None
                 if self.grad_checkpointing and not torch.jit.is_scripting():
                     x, a = checkpoint(blk, x, prev, use_reentrant=False)
+                    forget_recipe(a)  # the next block's checkpoint keeps the map as its input
                 else:
                     x, a = blk(x, prev)
                 attn = a
