@@ -183,3 +183,24 @@ def test_map_changed_in_place_before_its_refining_block_is_kept_not_rebuilt():
         m(x).square().sum().backward()
     for (name, p1), p2 in zip(in_place.named_parameters(), out_of_place.parameters()):
         torch.testing.assert_close(p1.grad, p2.grad, rtol=1e-9, atol=1e-11, msg=f'gradient of {name}')
+
+
+def test_bf16_autocast_training_backward_inside_or_outside_the_region():
+    """Under CPU bf16 autocast the kernels compute in float32; calling backward() inside the autocast
+    region (a common pattern) gives the same gradients as calling it outside."""
+    torch.manual_seed(0)
+    model = _randomise(timm.create_model('refiner_vit_nano', num_classes=5, img_size=16)).train()
+    x = torch.randn(4, 3, 16, 16)
+    grads = []
+    for inside in (True, False):
+        m = copy.deepcopy(model)
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            loss = m(x).float().square().mean()
+            if inside:
+                loss.backward()
+        if not inside:
+            loss.backward()
+        grads.append([p.grad for p in m.parameters()])
+    for (name, _), g1, g2 in zip(model.named_parameters(), *grads):
+        assert g1 is not None and torch.isfinite(g1).all(), name
+        torch.testing.assert_close(g1, g2, rtol=1e-6, atol=1e-8, msg=f'gradient of {name}')

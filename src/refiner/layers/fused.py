@@ -40,6 +40,7 @@ Operations:
 Everything else (other DLA forms, dropout on the maps, TorchScript, torch.compile) takes the plain
 autograd path.
 """
+import functools
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
@@ -88,6 +89,17 @@ def _blocks(t: Tensor, per_row_elements: int) -> List[Tuple[int, int, int, int]]
 def _halo(r0: int, r1: int, pad: int, n: int) -> Tuple[int, int]:
     """The rows a k×k convolution (k = 2·pad + 1) reads to produce rows r0..r1 of n."""
     return max(r0 - pad, 0), min(r1 + pad, n)
+
+
+def _without_autocast(backward):
+    """Run a Function's backward in the float32 its forward computed in, even when ``backward()``
+    is called inside an autocast region (whose casts would mix dtypes in the kernels)."""
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        device = next(g.device.type for g in grads if g is not None)
+        with torch.autocast(device, enabled=False):
+            return backward(ctx, *grads)
+    return run
 
 
 _is_fx_tracing = getattr(torch.fx._symbolic_trace, 'is_fx_symbolic_tracing', torch.fx._symbolic_trace.is_fx_tracing)
@@ -237,6 +249,7 @@ class _AttentionHandover(torch.autograd.Function):
         return out, attn
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad_out, grad_attn):
         q, k, v, prev, attn = ctx.saved_tensors
         gq, gk, gv, gp = _attention_backward(q, k, v, prev, attn, ctx.has_prev, ctx.scale, grad_out, grad_attn)
@@ -254,6 +267,7 @@ class _AttentionMap(torch.autograd.Function):
         return attn
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad_attn):
         q, k = ctx.saved_tensors
         gq, gk, _, gp = _attention_backward(q, k, None, None, None, ctx.has_prev, ctx.scale, None, grad_attn)
@@ -484,6 +498,7 @@ class _RefineAggregate(torch.autograd.Function):
         return out
 
     @staticmethod
+    @_without_autocast
     def backward(ctx, grad_out):
         bns, scale, pad, recipe_scale = ctx.meta
         a, q, k, prev, v, w1, g1, b1, w2, g2, b2, w3, g3, b3, ga, ba, mu, cov, *stats = ctx.saved_tensors
