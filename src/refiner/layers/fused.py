@@ -413,12 +413,11 @@ def _col(t: Tensor) -> Tensor:
     return t.view(1, -1, 1, 1)
 
 
-def _head_sums(x: Tensor, y: Optional[Tensor] = None) -> Tensor:
-    """Per-head Σx and Σx·y (Σx² without y) of head-major (b, H, N, M) maps, as a (2, H) float64
-    tensor (float32 within a chunk, float64 across chunks)."""
+def _head_sums(x: Tensor, *ys: Tensor) -> Tensor:
+    """Per-head Σx and Σx·y for each y (Σx² without ys) of head-major (b, H, N, M) maps, as a
+    (1 + len(ys), H) float64 tensor (float32 within a chunk, float64 across chunks)."""
     x = x.flatten(2)
-    y = x if y is None else y.flatten(2)
-    return torch.stack((x.sum((0, 2)), (x * y).sum((0, 2)))).double()
+    return torch.stack([x.sum((0, 2))] + [(x * y.flatten(2)).sum((0, 2)) for y in ys or (x,)]).double()
 
 
 class _RefineAggregate(torch.autograd.Function):
@@ -491,7 +490,8 @@ class _RefineAggregate(torch.autograd.Function):
                 bn.running_mean.lerp_(mean, bn.momentum)
                 bn.running_var.lerp_(var * (n / max(n - 1, 1)), bn.momentum)
         # a map that carries a recipe is rebuilt in backward instead of being kept
-        ctx.meta = meta[:3] + (None if recipe is None else recipe.scale,)
+        ctx.meta = meta[:3]
+        ctx.recipe_args = None if recipe is None else (recipe.scale, recipe.version)
         kept = (a, None, None) if recipe is None else (None, recipe.q, recipe.k)
         ctx.save_for_backward(*kept, None if recipe is None else recipe.prev, v, w1, g1, b1, w2, g2, b2,
                               w3, g3, b3, ga, ba, mu, cov, *(t for pair in stats for t in pair))
@@ -500,10 +500,10 @@ class _RefineAggregate(torch.autograd.Function):
     @staticmethod
     @_without_autocast
     def backward(ctx, grad_out):
-        bns, scale, pad, recipe_scale = ctx.meta
+        bns, scale, pad = ctx.meta
         a, q, k, prev, v, w1, g1, b1, w2, g2, b2, w3, g3, b3, ga, ba, mu, cov, *stats = ctx.saved_tensors
         if a is None:
-            a = _attention_forward(q, k, None, prev, recipe_scale)[1]  # as _Recipe.rebuild
+            a = _Recipe(q, k, prev, *ctx.recipe_args).rebuild()
         mean1, var1, mean2, var2, mean3, var3 = stats[:6]
         B, H, N, M = a.shape
         n = B * N * M
@@ -531,9 +531,12 @@ class _RefineAggregate(torch.autograd.Function):
             p2 = _rows(F.conv2d(t1, w2, None, padding=pad, groups=E)[:, :, r0 - lo:r1 - lo])
             return z, t1, p2, torch.addcmul(h2, p2, s2), lo
 
-        def reduced(u: Tensor, b: int, R: int) -> Tensor:
-            """o = W3·u of rows (P, E) = (b·R·M, E), as head-major (b, H, R, M) maps."""
-            return _reduce_into(u.view(b, R, M, E).permute(0, 3, 1, 2), w3m, a.new_empty(b, H, R, M))
+        def reduced(u: Tensor, i: int, j: int, r0: int, r1: int) -> Tuple[Tensor, Tensor]:
+            """o = W3·u of rows (P, E) = ((j - i)·(r1 - r0)·M, E) as head-major (b, H, R, M) maps, and
+            r - h3 = s3·o + a there (BN3's shift h3 is folded into the constants that use r)."""
+            b, R = j - i, r1 - r0
+            o = _reduce_into(u.view(b, R, M, E).permute(0, 3, 1, 2), w3m, a.new_empty(b, H, R, M))
+            return o, torch.addcmul(a[i:j, :, r0:r1], o, _col(s3))
 
         # pass 1: dL/dv; g = dL/d(refined map); the post norm's sums, and BN3's: dL/dr = c0 + c1·r + s·g
         # is affine in quantities of this pass, so its sums Σ dL/dr and Σ dL/dr·o are too (o is not kept)
@@ -544,17 +547,15 @@ class _RefineAggregate(torch.autograd.Function):
         for i, j, r0, r1 in blocks:
             b, R = j - i, r1 - r0
             rows = (slice(i, j), slice(None), slice(r0, r1))
-            o = reduced(F.hardtanh_(chain(i, j, r0, r1)[3], 0., 6.), b, R)
-            r0_map = torch.addcmul(a[rows], o, _col(s3))  # r - h3 = s3·o + a (h3 is folded into constants)
+            o, r0_map = reduced(F.hardtanh_(chain(i, j, r0, r1)[3], 0., 6.), i, j, r0, r1)
             refined = torch.addcmul(refined_shift, r0_map, refined_scale)
             # dL/dv sums over row slabs: the first writes it (beta=0), later ones add
             grad_v[i:j].view(b * H, M, -1).baddbmm_(refined.view(b * H, R, M).transpose(1, 2),
                                                     grad_out[rows].reshape(b * H, R, -1), beta=int(r0 > 0))
             gm = torch.matmul(grad_out[rows], v[i:j].transpose(-2, -1), out=g[rows])
-            sums[0:2] += _head_sums(gm, r0_map)  # Σg, Σg·r0
-            sums[2:4] += _head_sums(o, r0_map)  # Σo, Σo·r0
-            sums[4] += (gm * o).flatten(2).sum((0, 2)).double()  # Σg·o
-        S_g, S_gr0, S_o, S_or0, S_go = sums
+            sums[0:3] += _head_sums(gm, r0_map, o)  # Σg, Σg·r0, Σg·o
+            sums[3:5] += _head_sums(o, r0_map)  # Σo, Σo·r0
+        S_g, S_gr0, S_go, S_o, S_or0 = sums
         S_r0 = s3.double() * S_o + n * mu.double()  # Σr0 = s3·Σo + Σa
         # closed-form BatchNorm backward, see _bn_backward_affine: dx = s·g + c1·x + c0
         sum_g, sum_gr = S_g.to(dt), (S_gr0 + h3.double() * S_g).to(dt)  # Σg·r = Σg·r0 + h3·Σg
@@ -578,12 +579,11 @@ class _RefineAggregate(torch.autograd.Function):
         grad_w3 = torch.zeros(H, E, dtype=dt, device=a.device)
         sums = torch.zeros(2, E, dtype=torch.float64, device=a.device)
         for i, j, r0, r1 in blocks:
-            b, R = j - i, r1 - r0
+            b = j - i
             rows = (slice(i, j), slice(None), slice(r0, r1))
             _, _, p2, y2, _ = chain(i, j, r0, r1)
             u = F.relu6(y2)
-            o = reduced(u, b, R)
-            r0_map = torch.addcmul(a[rows], o, _col(s3))
+            o, r0_map = reduced(u, i, j, r0, r1)
             gr = torch.addcmul(torch.addcmul(_col(c0r), r0_map, _col(c1a)), g[rows], _col(sa_), out=grad_a[rows])
             go = torch.addcmul(torch.addcmul(_col(c0_3), o, _col(c1_3)), gr, _col(s3), out=g[rows])
             go = go.view(b, H, -1)
