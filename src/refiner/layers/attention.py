@@ -77,7 +77,8 @@ class RefinedAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        # use the fused kernels of refiner.layers.fused in eager mode (False: the reference code)
+        # use the fused kernels of refiner.layers.fused in eager mode (False: the reference code; a
+        # RefinerBlock's lean MLP follows this switch too)
         self.fused_kernels = True
 
     def forward(self, x: torch.Tensor, prev_attn: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:

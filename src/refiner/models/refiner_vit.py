@@ -180,9 +180,10 @@ class RefinerBlock(nn.Module):
 
     @torch.jit.unused
     def _lean_mlp_applies(self, x: torch.Tensor) -> bool:
+        # the same switch as the attention kernels (``attn.fused_kernels = False``: the reference code)
         m = self.mlp
-        return (self.training and torch.is_grad_enabled() and kernels_apply(x) and isinstance(m.act, nn.GELU)
-                and m.act.approximate == 'none' and isinstance(m.norm, nn.Identity)
+        return (self.attn.fused_kernels and self.training and torch.is_grad_enabled() and kernels_apply(x)
+                and isinstance(m.act, nn.GELU) and m.act.approximate == 'none' and isinstance(m.norm, nn.Identity)
                 and not any(isinstance(d, nn.Dropout) and d.p > 0 for d in (m.drop1, m.drop2)))
 
     @torch.jit.unused
