@@ -251,7 +251,7 @@ def test_recipes_load_and_validate():
         cfg = apply_overrides(load_recipe(name), {})
         assert isinstance(cfg, TrainConfig)
     s = apply_overrides(load_recipe('refiner_s'), {})
-    assert (s.epochs, s.cooldown_epochs, s.lr, s.weight_decay, s.warmup_epochs, s.ema_decay) == (300, 10, 5e-4, .05, 5,
+    assert (s.epochs, s.cooldown_epochs, s.lr, s.weight_decay, s.warmup_epochs, s.ema_decay) == (310, 10, 5e-4, .05, 5,
                                                                                                   .99996)
     assert s.aa == 'rand-m9-mstd0.5-inc1' and s.reprob == 0.25 and (s.mixup, s.cutmix, s.smoothing) == (.8, 1., .1)
     assert apply_overrides(load_recipe('refiner_l_tl'), {}).drop_path == 0.25

@@ -1,20 +1,19 @@
-"""Files a run writes and reads back: training states, weights with metadata, loading any model file.
+"""Files a run writes and reads back: training states and weights with metadata (reading any
+weight source back is :mod:`refiner.pretrained`).
 
 Every write is atomic (:mod:`refiner.fileio`): a failure never leaves a partial file behind.
 """
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Union
 
-import timm
 import torch
-from safetensors import safe_open
 
-from .convert import CheckpointError, load_official, read_checkpoint, save_safetensors
+from .convert import CheckpointError, load_tensors_file, save_safetensors
 from .fileio import atomic_write
 
-__all__ = ['save_state', 'load_state', 'save_weights', 'load_model', 'RunFiles']
+__all__ = ['save_state', 'load_state', 'save_weights', 'RunFiles']
 
 PathLike = Union[str, os.PathLike]
 
@@ -41,10 +40,10 @@ def save_state(state: Dict[str, Any], path: PathLike) -> Path:
 
 
 def load_state(path: PathLike) -> Dict[str, Any]:
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise CheckpointError(f'{path} is not a readable training state: {e}') from None
+    state = load_tensors_file(Path(path))
+    if not isinstance(state, dict):
+        raise CheckpointError(f'{path} is not a refiner training state')
+    return state
 
 
 def save_weights(model: torch.nn.Module, path: PathLike, model_name: str, model_args: Dict[str, Any],
@@ -54,50 +53,3 @@ def save_weights(model: torch.nn.Module, path: PathLike, model_name: str, model_
     for k, v in (extra or {}).items():
         meta[k] = json.dumps(v)
     return save_safetensors(model.state_dict(), path, metadata=meta)
-
-
-def _metadata(path: Path) -> Dict[str, str]:
-    with safe_open(str(path), 'pt') as f:
-        return f.metadata() or {}
-
-
-def load_model(path: PathLike, ema: bool = False, device: Union[str, torch.device] = 'cpu'
-               ) -> Tuple[torch.nn.Module, Dict[str, Any]]:
-    """A model in eval mode from a run directory, weights written by this project, or an original
-    Refiner checkpoint. Returns (model, info): info has ``source`` and, when known, ``data_config``
-    (mean, std, crop_pct, interpolation, input_size), ``classes`` and the run's ``config``."""
-    path = Path(path)
-    info: Dict[str, Any] = {'source': str(path)}
-    if path.is_dir():
-        run = RunFiles(path)
-        weights = run.ema_weights if ema else run.weights
-        if not weights.is_file():
-            if run.config.is_file():
-                raise CheckpointError(f'{path}: the run has not finished ({weights.name} missing); '
-                                      f'resume it with refiner train --resume {path}')
-            raise CheckpointError(f'{path}: not a run directory (no config.yaml / {weights.name})')
-        import yaml
-        info['config'] = yaml.safe_load(run.config.read_text())
-        path = weights
-    if not path.is_file():
-        raise CheckpointError(f'{path}: no such file')
-    if path.suffix == '.safetensors':
-        meta = _metadata(path)
-        if meta.get('format') != 'refiner':
-            raise CheckpointError(f'{path}: safetensors without refiner metadata; create the model with '
-                                  f'timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=...))')
-        args = json.loads(meta['model_args'])
-        model = timm.create_model(meta['model_name'], **args)
-        state = read_checkpoint(path)
-        missing, unexpected = model.load_state_dict(state, strict=False)
-        if missing or unexpected:
-            raise CheckpointError(f'{path}: weights do not fit {meta["model_name"]}: missing {missing[:4]}, '
-                                  f'unexpected {unexpected[:4]}')
-        for key in ('data_config', 'classes'):
-            if key in meta:
-                info[key] = json.loads(meta[key])
-        info['model_name'] = meta['model_name']
-    else:
-        model = load_official(path)
-        info['model_name'] = 'refiner (original checkpoint)'
-    return model.to(device).eval(), info

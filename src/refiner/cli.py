@@ -6,6 +6,10 @@ from typing import Callable, Dict, List, Optional
 
 __all__ = ['main', 'build_parser']
 
+SOURCE_HELP = ('a run directory, a .safetensors written by refiner, an original Refiner checkpoint (.pth, .pth.tar), '
+               'a timm / Hub model folder (config.json + weights), or a timm model file (.pth, .bin, .safetensors; '
+               'needs --model)')
+
 
 class UsageError(Exception):
     pass
@@ -41,7 +45,8 @@ def _convert(args: argparse.Namespace) -> int:
 _TRAIN_FLAGS = {  # flag -> config key
     'model': 'model', 'data': 'data', 'epochs': 'epochs', 'batch_size': 'batch_size', 'lr': 'lr',
     'img_size': 'img_size', 'seed': 'seed', 'device': 'device', 'workers': 'workers', 'amp': 'amp',
-    'checkpoint_every': 'checkpoint_every', 'train_fraction': 'train_fraction',
+    'checkpoint_every': 'checkpoint_every', 'train_fraction': 'train_fraction', 'classes': 'classes',
+    'finetune': 'finetune', 'refine': 'refine', 'layer_decay': 'layer_decay',
 }
 
 
@@ -64,6 +69,14 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--amp', choices=['none', 'bf16', 'fp16'])
     p.add_argument('--checkpoint-every', type=int, help='also checkpoint every N steps')
     p.add_argument('--train-fraction', type=float, help='train on a stratified fraction of the training split')
+    p.add_argument('--classes', nargs='+', metavar='CLASS', help='train on these classes only (relabelled in order)')
+    p.add_argument('--finetune', metavar='SRC', help=f'start from pretrained weights: {SOURCE_HELP}')
+    p.add_argument('--refine', metavar='BLOCKS',
+                   help="retrofit refined attention into a timm ViT first: 'all', the last N blocks, or a "
+                        "comma-separated list of block indices")
+    p.add_argument('--layer-decay', type=float, metavar='R', help='layer-wise learning-rate decay, e.g. 0.65')
+    p.add_argument('--linear-probe', action='store_true', default=None,
+                   help='train only the classifier; everything else, BatchNorm statistics too, stays frozen')
     p.add_argument('--resume', metavar='DIR', help='continue the run in DIR')
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='set any config key (YAML value)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
@@ -76,13 +89,18 @@ def _train_config(args: argparse.Namespace):
     if args.data not in (None, 'digits') and args.config is None:
         base = {}  # the generic (DeiT-style) defaults for a user's dataset
     flags = {key: getattr(args, flag) for flag, key in _TRAIN_FLAGS.items()}
-    return apply_overrides(base, {**flags, **parse_set(args.set), 'out': args.out})
+    if args.refine is not None and args.refine.isdigit():
+        flags['refine'] = int(args.refine)  # the last N blocks
+    if args.finetune and not args.model:  # the architecture comes from the weights, not from the recipe
+        base = {**{k: v for k, v in base.items() if k not in ('model', 'model_args')}, 'model': None}
+    return apply_overrides(base, {**flags, 'linear_probe': args.linear_probe, **parse_set(args.set),
+                                  'out': args.out})
 
 
 def _train(args: argparse.Namespace) -> int:
     from .train import train
     if args.resume:
-        given = [f'--{f.replace("_", "-")}' for f in _TRAIN_FLAGS
+        given = [f'--{f.replace("_", "-")}' for f in [*_TRAIN_FLAGS, 'linear_probe']
                  if f not in ('device', 'workers') and getattr(args, f) is not None]
         given += (['--config'] if args.config else []) + (['--set'] if args.set else [])
         if given or args.out:
@@ -99,8 +117,8 @@ def _train(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------- eval
 
 def _eval_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument('--checkpoint', required=True,
-                   help='a run directory, a .safetensors file written by refiner, or an original Refiner checkpoint')
+    p.add_argument('--checkpoint', required=True, help=SOURCE_HELP)
+    p.add_argument('--model', help='the timm model name of a bare weights file')
     p.add_argument('--data', help="dataset (default: the run's, else the embedded digits)")
     p.add_argument('--split', choices=['val', 'train'], default='val')
     p.add_argument('--ema', action='store_true', help="evaluate a run's EMA weights")
@@ -114,12 +132,39 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_checkpoint, format_report, plot_confusion, save_json
     res = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.ema, args.batch_size, args.device,
-                              args.workers)
+                              args.workers, model_name=args.model)
     print(format_report(res))
     if args.confusion:
         print(f'confusion matrix: {plot_confusion(res["confusion"], res["classes"], args.confusion)}')
     if args.json:
         save_json(res, args.json)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- predict
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('inputs', nargs='+', metavar='INPUT', help='image files and folders (searched recursively)')
+    p.add_argument('--checkpoint', required=True, help=SOURCE_HELP)
+    p.add_argument('--model', help='the timm model name of a bare weights file')
+    p.add_argument('--topk', type=int, default=5)
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--device', default='auto')
+    p.add_argument('--workers', type=int, default=0)
+    p.add_argument('--json', metavar='FILE', help='write every prediction as JSON')
+    p.add_argument('--csv', metavar='FILE', help='write one row per image: file, label1, prob1, label2, ...')
+    p.add_argument('--no-progress', action='store_true')
+
+
+def _predict(args: argparse.Namespace) -> int:
+    from .predict import format_predictions, predict, write_predictions
+    res = predict(args.inputs, args.checkpoint, args.topk, args.batch_size, args.device, args.model, args.workers,
+                  progress=not args.no_progress)
+    print(format_predictions(res))
+    write_predictions(res, args.json, args.csv)
+    for path in (args.json, args.csv):
+        if path:
+            print(f'wrote {path}')
     return 0
 
 
@@ -199,31 +244,44 @@ def _bench(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------- export
 
 def _export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument('out', help='output file (.onnx or .pt)')
-    p.add_argument('--model', help='a timm model name (random weights unless --checkpoint)')
-    p.add_argument('--checkpoint', help='a run directory, a refiner .safetensors or an original checkpoint')
-    p.add_argument('--format', choices=['onnx', 'torchscript'], required=True)
+    p.add_argument('out', help='output: a .onnx or .pt file, or a folder for --format hf')
+    p.add_argument('--model', help='a timm model name (random weights unless --checkpoint; names a bare weights file)')
+    p.add_argument('--checkpoint', help=SOURCE_HELP)
+    p.add_argument('--format', choices=['onnx', 'torchscript', 'hf'], required=True,
+                   help="hf: a timm / Hugging Face Hub model folder, loadable with timm.create_model('local-dir:OUT')")
     p.add_argument('--img-size', type=int)
     p.add_argument('--opset', type=int, default=18)
     p.add_argument('--no-fuse', action='store_true', help='export without re-parameterizing')
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .export import check_onnx, check_torchscript, export_onnx, export_torchscript, load_for_export, prepare
-    model, size = load_for_export(args.model, args.checkpoint, args.img_size)
-    model = prepare(model, fuse=not args.no_fuse)
-    if args.format == 'onnx':
+    from .export import (
+        check_hf,
+        check_onnx,
+        check_torchscript,
+        export_hf,
+        export_onnx,
+        export_torchscript,
+        load_for_export,
+        prepare,
+    )
+    model, info = load_for_export(args.model, args.checkpoint, args.img_size)
+    size = info['data_config']['input_size'][-1]
+    if args.format == 'hf':  # the weights as trained: a folder to fine-tune or re-parameterize later
+        path = export_hf(model.eval(), args.out, info)
+        errs, tol, what = check_hf(path, model, size), 1e-5, "timm.create_model('local-dir:...')"
+    elif args.format == 'onnx':
+        model = prepare(model, fuse=not args.no_fuse)
         path = export_onnx(model, args.out, size, opset=args.opset)
-        errs = check_onnx(path, model, size)
-        tol = 1e-4
+        errs, tol, what = check_onnx(path, model, size), 1e-4, 'PyTorch'
     else:
+        model = prepare(model, fuse=not args.no_fuse)
         path = export_torchscript(model, args.out)
-        errs = check_torchscript(path, model, size)
-        tol = 1e-5
+        errs, tol, what = check_torchscript(path, model, size), 1e-5, 'PyTorch'
     detail = ', '.join(f'batch {b}: {e:.1e}' for b, e in errs.items())
-    print(f'wrote {path} ({args.format}, input (B, 3, {size}, {size})); max relative difference to PyTorch: {detail}')
+    print(f'wrote {path} ({args.format}, input (B, 3, {size}, {size})); max relative difference to {what}: {detail}')
     if max(errs.values()) > tol:
-        print(f'refiner export: outputs differ from PyTorch by more than {tol:g}', file=sys.stderr)
+        print(f'refiner export: outputs differ by more than {tol:g}', file=sys.stderr)
         return 1
     return 0
 
@@ -233,9 +291,10 @@ def _export(args: argparse.Namespace) -> int:
 COMMANDS: Dict[str, tuple] = {
     'train': (_train_args, _train, 'train or resume a model (default: Refiner-ViT on the embedded digits)'),
     'eval': (_eval_args, _eval, 'evaluate a run, a weights file or an original checkpoint'),
+    'predict': (_predict_args, _predict, 'classify image files and folders with any weights'),
     'ablate': (_ablate_args, _ablate, 'data efficiency: Refiner vs a plain ViT on fractions of the training set'),
     'bench': (_bench_args, _bench, 'images/s and peak memory against a timm reference, in one run'),
-    'export': (_export_args, _export, 'export to ONNX (dynamic batch) or TorchScript, checked against PyTorch'),
+    'export': (_export_args, _export, 'export to ONNX, TorchScript or a timm / Hub model folder, checked after'),
     'convert': (_convert_args, _convert, 'convert an original Refiner checkpoint to safetensors'),
 }
 

@@ -23,6 +23,7 @@ class TrainConfig:
     # data
     data: Optional[str] = None  # None: the embedded digits dataset; a folder with train/ and val/; a timm spec
     train_fraction: float = 1.0  # a stratified fraction of the training split (data-efficiency studies)
+    classes: Optional[List[str]] = None  # keep only these classes (relabelled 0..k-1 in this order)
     img_size: Optional[int] = None  # default: the dataset's (digits: 16) or the model's
     workers: int = 0
     mean: Optional[List[float]] = None  # default: the model's pretrained config
@@ -37,8 +38,12 @@ class TrainConfig:
     reprob: float = 0.25  # random erasing
     remode: str = 'pixel'
     # model
-    model: str = 'refiner_vit_s'
+    model: Optional[str] = 'refiner_vit_s'  # None with finetune: the architecture the source names
     model_args: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model keyword arguments
+    finetune: Optional[str] = None  # start from these weights (see refiner.pretrained for the sources)
+    refine: Optional[Any] = None  # refine_vit a timm ViT first: 'all', the last n blocks, or a list of blocks
+    linear_probe: bool = False  # train only the classifier; the rest (BatchNorm statistics too) stays frozen
+    layer_decay: Optional[float] = None  # layer-wise lr decay (timm's param_groups_layer_decay), e.g. 0.65
     drop_path: float = 0.1
     token_labeling: bool = False  # add the token-labeling head; dense loss on every patch token
     mix_token: bool = False  # MixToken (needs token_labeling)
@@ -46,8 +51,8 @@ class TrainConfig:
     attn_cos_reg: float = 0.0  # the authors' attention-similarity regulariser weight (0.1 in their S/M recipes)
     attn_cos_pairs: int = 12
     # optimisation
-    epochs: int = 300
-    cooldown_epochs: int = 10
+    epochs: int = 310  # in total, cooldown_epochs included
+    cooldown_epochs: int = 10  # the last epochs, at min_lr
     batch_size: int = 64  # per process
     opt: str = 'adamw'
     lr: float = 5e-4  # for a global batch of lr_base_size; scaled linearly with the global batch
@@ -100,6 +105,14 @@ class TrainConfig:
             raise ConfigError(f'eval_every must be >= 1, got {self.eval_every}')
         if self.lr <= 0:
             raise ConfigError(f'lr must be positive, got {self.lr}')
+        if self.cooldown_epochs < 0:
+            raise ConfigError(f'cooldown_epochs must be >= 0, got {self.cooldown_epochs}')
+        if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
+            raise ConfigError(f'layer_decay must be in (0, 1], got {self.layer_decay}')
+        if self.linear_probe and self.layer_decay is not None:
+            raise ConfigError('linear_probe trains only the classifier: layer_decay does not apply')
+        if self.model is None and self.finetune is None:
+            raise ConfigError('model is not set: name a timm model, or give finetune weights that name theirs')
 
 
 def _recipe_dir():
@@ -110,8 +123,9 @@ def list_recipes() -> List[str]:
     return sorted(p.name[:-5] for p in _recipe_dir().iterdir() if p.name.endswith('.yaml'))
 
 
-def load_recipe(name_or_path: str) -> Dict[str, Any]:
-    """A recipe shipped with the package (by name) or a YAML file (by path)."""
+def load_recipe(name_or_path: str, _seen: tuple = ()) -> Dict[str, Any]:
+    """A recipe shipped with the package (by name) or a YAML file (by path). ``base: NAME`` in a
+    recipe starts from that recipe's keys (so that a variant states only what it changes)."""
     path = Path(name_or_path)
     if path.suffix in ('.yaml', '.yml') or path.exists():
         if not path.is_file():
@@ -126,6 +140,11 @@ def load_recipe(name_or_path: str) -> Dict[str, Any]:
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
         raise ConfigError(f'recipe {name_or_path} is not a mapping of keys to values')
+    if 'base' in data:
+        base = str(data.pop('base'))
+        if base in _seen or len(_seen) > 8:
+            raise ConfigError(f'recipe {name_or_path}: base recipes form a loop ({" -> ".join(_seen + (base,))})')
+        data = {**load_recipe(base, _seen + (str(name_or_path),)), **data}
     return data
 
 

@@ -9,9 +9,10 @@ layer scale (exact: a power of two), so that the converted model's outputs equal
 """
 import json
 import os
+import pickle
 import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -19,7 +20,7 @@ from .fileio import atomic_write
 from .models.refiner_vit import RefinerViT
 
 __all__ = [
-    'CheckpointError', 'convert_checkpoint', 'infer_official_config', 'is_official_state_dict',
+    'CheckpointError', 'check_state_dict', 'convert_checkpoint', 'infer_official_config', 'is_official_state_dict',
     'load_official', 'official_to_refiner', 'read_checkpoint',
 ]
 
@@ -47,6 +48,37 @@ class CheckpointError(ValueError):
     """A file or state dict that is not a usable Refiner checkpoint."""
 
 
+def load_tensors_file(path: Path) -> Any:
+    """torch.load(weights_only=True) or safetensors, with one sentence of ours for each way a file
+    can fail to be a checkpoint (the libraries' own messages run to many lines)."""
+    with open(path, 'rb') as f:
+        head = f.read(512)
+    if not head:
+        raise CheckpointError(f'{path} is empty, not a checkpoint')
+    if path.suffix == '.safetensors':
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except Exception:
+            raise CheckpointError(f'{path} is not a readable safetensors file (truncated or corrupt)') from None
+    if head.startswith(b'PK'):
+        if not zipfile.is_zipfile(path):
+            raise CheckpointError(f'{path} is truncated or corrupt (an incomplete PyTorch zip archive)')
+    elif head[:1] != b'\x80':  # neither a zip archive nor a pickle (protocol 2+)
+        text = all(32 <= c < 127 or c in (9, 10, 13) for c in head)
+        raise CheckpointError(f'{path} is {"a text file" if text else "not a PyTorch or safetensors file"}, '
+                              f'not a checkpoint')
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        if 'Weights only load failed' in str(e) or 'Unsupported' in str(e):
+            raise CheckpointError(f'{path} holds Python objects other than tensors and plain containers, which '
+                                  f'would run code when unpickled; refiner never unpickles them') from None
+        raise CheckpointError(f'{path} is truncated or corrupt (its pickle cannot be read)') from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, KeyError):
+        raise CheckpointError(f'{path} is truncated or corrupt (PyTorch cannot read it)') from None
+
+
 def read_checkpoint(src: Union[str, os.PathLike, Mapping[str, Any]], use_ema: bool = False) -> StateDict:
     """Read a checkpoint into a flat state dict without unpickling arbitrary objects.
 
@@ -62,18 +94,7 @@ def read_checkpoint(src: Union[str, os.PathLike, Mapping[str, Any]], use_ema: bo
         name = str(path)
         if not path.is_file():
             raise CheckpointError(f'{path}: no such checkpoint file')
-        try:
-            if path.suffix == '.safetensors':
-                from safetensors.torch import load_file
-                obj = load_file(str(path))
-            else:
-                obj = torch.load(path, map_location='cpu', weights_only=True)
-        except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-            raise CheckpointError(
-                f'{path} is not a readable PyTorch checkpoint (truncated, corrupt, or it holds objects '
-                f'other than tensors and plain containers, which are never unpickled): {e}') from None
-        except Exception as e:  # weights_only unpickler rejections use several exception types
-            raise CheckpointError(f'{path} could not be read safely with weights_only=True: {e}') from None
+        obj = load_tensors_file(path)
     if not isinstance(obj, Mapping):
         raise CheckpointError(f'{name} holds a {type(obj).__name__}, not a state dict')
     order = ('state_dict_ema', 'state_dict', 'model') if use_ema else ('state_dict', 'model', 'state_dict_ema')
@@ -217,26 +238,45 @@ def load_official(
                               "for this project's own weights use timm.create_model(..., pretrained_cfg_overlay=...)")
     config = infer_official_config(sd)
     model = RefinerViT(**config)
-    _load_checked(model, official_to_refiner(sd))
+    converted = official_to_refiner(sd)
+    check_state_dict(model, converted, 'the checkpoint', 'the inferred architecture')
+    model.load_state_dict(converted)
     return model.to(device).eval()
 
 
-def _load_checked(model: torch.nn.Module, state_dict: StateDict) -> None:
+def check_state_dict(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str,
+                     model_name: str, allow_missing: Sequence[str] = ()) -> None:
+    """Raise a :class:`CheckpointError` of one sentence unless ``state_dict`` fits ``model`` exactly
+    (bar the keys in ``allow_missing``): it names the first of the model's tensors that is missing,
+    has another shape, or holds integers where the model has floating-point weights."""
     expected = model.state_dict()
-    missing = sorted(set(expected) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(expected))
-    if missing or unexpected:
+    allowed = set(allow_missing)
+    missing = [k for k in expected if k not in state_dict and k not in allowed]
+    unexpected = [k for k in state_dict if k not in expected]
+
+    def counts() -> str:
         parts = []
         if missing:
-            parts.append(f'{len(missing)} missing (e.g. {", ".join(missing[:4])})')
+            parts.append(f'{len(missing)} missing (e.g. {", ".join(missing[:3])})')
         if unexpected:
-            parts.append(f'{len(unexpected)} unexpected (e.g. {", ".join(unexpected[:4])})')
-        raise CheckpointError('the checkpoint does not match the inferred architecture: ' + '; '.join(parts))
-    for k, v in expected.items():
-        if state_dict[k].shape != v.shape:
-            raise CheckpointError(
-                f'{k} has shape {list(state_dict[k].shape)}, the inferred architecture needs {list(v.shape)}')
-    model.load_state_dict(state_dict)
+            parts.append(f'{len(unexpected)} unexpected (e.g. {", ".join(unexpected[:3])})')
+        return f' (tensors: {"; ".join(parts)})' if parts else ''
+
+    for k, want in expected.items():
+        if k in allowed and k not in state_dict:
+            continue
+        if k not in state_dict:
+            raise CheckpointError(f'{source} does not fit {model_name}: it has no {k}{counts()}')
+        got = state_dict[k]
+        if got.shape != want.shape:
+            raise CheckpointError(f'{source} does not fit {model_name}: {k} has shape {list(got.shape)}, '
+                                  f'{model_name} needs {list(want.shape)}')
+        if want.is_floating_point() and not got.is_floating_point():
+            raise CheckpointError(f'{source}: {k} holds {str(got.dtype).replace("torch.", "")} values where '
+                                  f'weights must be floating point')
+    if unexpected:
+        raise CheckpointError(f'{source} does not fit {model_name}: {unexpected[0]} is not one of its tensors'
+                              f'{counts()}')
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], dst: Union[str, os.PathLike],

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, Sampler
 
 __all__ = [
     'DataError', 'SkipLog', 'build_datasets', 'collate_skipping', 'load_rgb', 'EpochSampler', 'SeededTransformDataset',
-    'safe_posterize',
+    'safe_posterize', 'eval_transform',
 ]
 
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
@@ -34,6 +34,15 @@ IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.we
 
 class DataError(ValueError):
     """A dataset that cannot be used as given; the message says what was expected."""
+
+
+def eval_transform(data_config: Dict[str, Any]) -> Callable:
+    """The evaluation preprocessing of a data config (``input_size``, ``mean``, ``std``,
+    ``crop_pct``, ``interpolation``): resize, center crop, normalise, with timm's factory."""
+    from timm.data import create_transform
+    return create_transform(data_config['input_size'][-1], is_training=False,
+                            interpolation=data_config['interpolation'], mean=tuple(data_config['mean']),
+                            std=tuple(data_config['std']), crop_pct=data_config['crop_pct'])
 
 
 def load_rgb(path: str) -> Image.Image:
@@ -257,19 +266,35 @@ class Datasets:
     extra: Dict[str, Any] = field(default_factory=dict)
 
 
-def _digits(fraction: float, fraction_seed: int) -> Datasets:
+def _check_classes(wanted: Sequence[str], available: Sequence[str], where: str) -> List[str]:
+    wanted = [str(c) for c in wanted]
+    unknown = [c for c in wanted if c not in available]
+    if unknown or len(set(wanted)) != len(wanted) or len(wanted) < 2:
+        raise DataError(f'classes {wanted}: expected at least two distinct classes of {where} '
+                        f'({", ".join(available[:20])}{", ..." if len(available) > 20 else ""})')
+    return wanted
+
+
+def _digits(fraction: float, fraction_seed: int, classes: Optional[Sequence[str]] = None) -> Datasets:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     images = np.clip(digits.images / 16.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)  # (1797, 8, 8)
     tr, va = train_test_split(np.arange(len(images)), test_size=0.25, random_state=0, stratify=digits.target)
-    tr = _subset(tr, digits.target[tr], fraction, fraction_seed)
-    classes = [str(c) for c in range(10)]
-    train = ArrayDataset(images[tr], digits.target[tr], classes)
-    val = ArrayDataset(images[va], digits.target[va], classes)
-    return Datasets(train, val, classes, f'scikit-learn digits: {len(tr)} train / {len(va)} held-out images, 8x8 grey',
-                    len(tr), len(va), default_img_size=16)
+    names = [str(c) for c in range(10)]
+    targets = digits.target
+    if classes is not None:  # a subset of the digits, relabelled 0..k-1 in the given order
+        names = _check_classes(classes, names, 'the digits')
+        relabel = np.full(10, -1)
+        relabel[[int(c) for c in names]] = np.arange(len(names))
+        targets = relabel[digits.target]
+        tr, va = tr[targets[tr] >= 0], va[targets[va] >= 0]
+    tr = _subset(tr, targets[tr], fraction, fraction_seed)
+    train = ArrayDataset(images[tr], targets[tr], names)
+    val = ArrayDataset(images[va], targets[va], names)
+    return Datasets(train, val, names, f'scikit-learn digits{"" if classes is None else " " + ",".join(names)}: '
+                    f'{len(tr)} train / {len(va)} held-out images, 8x8 grey', len(tr), len(va), default_img_size=16)
 
 
 def _subset(indices: np.ndarray, targets: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -287,7 +312,8 @@ def _subset(indices: np.ndarray, targets: np.ndarray, fraction: float, seed: int
     return np.array(sorted(keep))
 
 
-def _image_folder(root: Path, fraction: float, fraction_seed: int) -> Datasets:
+def _image_folder(root: Path, fraction: float, fraction_seed: int, classes: Optional[Sequence[str]] = None
+                  ) -> Datasets:
     if not root.exists():
         raise DataError(f'--data {root}: no such directory')
     if not root.is_dir():
@@ -298,13 +324,15 @@ def _image_folder(root: Path, fraction: float, fraction_seed: int) -> Datasets:
         raise DataError(f'--data {root}: expected train/ and val/ subfolders with one folder per class '
                         f'(found {found or "no folders"})')
     train = FolderDataset(train_dir)
+    if classes is not None:
+        train = FolderDataset(train_dir, _check_classes(classes, train.classes, train_dir))
     if not train.classes:
         raise DataError(f'{train_dir}: no class folders (expected {train_dir}/<class>/<image>)')
     if len(train) == 0:
         raise DataError(f'{train_dir}: no image files ({", ".join(IMG_EXTENSIONS)}) in its class folders')
     val = FolderDataset(val_dir, classes=train.classes)
     unknown = sorted(d.name for d in val_dir.iterdir() if d.is_dir() and d.name not in train.classes)
-    if unknown:
+    if unknown and classes is None:
         raise DataError(f'{val_dir}: class folders {unknown[:5]} do not exist in {train_dir}')
     if len(val) == 0:
         raise DataError(f'{val_dir}: no image files in its class folders')
@@ -327,11 +355,16 @@ def _timm_spec(spec: str, root: Optional[str]) -> Datasets:
     return Datasets(tr, va, tr.classes, f'timm dataset {spec}', len(tr), len(va))
 
 
-def build_datasets(data: Optional[str], fraction: float = 1.0, fraction_seed: int = 0) -> Datasets:
-    """``None`` or ``'digits'``: the embedded default; a directory: ImageFolder; ``name/...``: a timm spec."""
+def build_datasets(data: Optional[str], fraction: float = 1.0, fraction_seed: int = 0,
+                   classes: Optional[Sequence[str]] = None) -> Datasets:
+    """``None`` or ``'digits'``: the embedded default; a directory: ImageFolder; ``name/...``: a timm spec.
+    ``classes`` keeps only those classes (relabelled 0..k-1 in that order), e.g. to pretrain on some
+    classes and fine-tune on the others."""
     if data in (None, '', 'digits'):
-        return _digits(fraction, fraction_seed)
+        return _digits(fraction, fraction_seed, classes)
     if '/' in data and data.split('/', 1)[0] in ('tfds', 'hfds', 'hfids', 'wds', 'torch') and not Path(data).exists():
+        if classes is not None:
+            raise DataError(f'classes: selecting classes needs the digits or an image folder, not {data}')
         spec, _, root = data.partition(':')
         return _timm_spec(spec, root or None)
-    return _image_folder(Path(data).expanduser(), fraction, fraction_seed)
+    return _image_folder(Path(data).expanduser(), fraction, fraction_seed, classes)

@@ -6,42 +6,43 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 from torch.utils.data import DataLoader
 
-from .checkpoint import load_model
-from .data import DataError, EpochSampler, SeededTransformDataset, SkipLog, build_datasets, collate_skipping
-from .train import TrainingError, eval_transform, evaluate
+from .data import (
+    DataError,
+    EpochSampler,
+    SeededTransformDataset,
+    SkipLog,
+    build_datasets,
+    collate_skipping,
+    eval_transform,
+)
+from .pretrained import load_model
+from .train import TrainingError, evaluate
 
 __all__ = ['evaluate_checkpoint', 'plot_confusion']
 
 
 def evaluate_checkpoint(checkpoint: str, data: Optional[str] = None, split: str = 'val', ema: bool = False,
                         batch_size: int = 64, device: str = 'auto', workers: int = 0,
-                        progress: bool = True) -> Dict[str, Any]:
-    """Evaluate ``checkpoint`` (run directory, .safetensors written here, or original .pth) on
-    ``data`` (default: the run's dataset, else the embedded digits). Returns metrics and classes."""
+                        progress: bool = True, model_name: Optional[str] = None) -> Dict[str, Any]:
+    """Evaluate ``checkpoint`` (any source :func:`refiner.pretrained.load_model` reads) on ``data``
+    (default: the run's dataset and classes, else the embedded digits). Returns metrics and classes."""
     dev = torch.device('cuda' if device == 'auto' and torch.cuda.is_available() else
                        ('cpu' if device == 'auto' else device))
-    model, info = load_model(checkpoint, ema=ema, device=dev)
+    model, info = load_model(checkpoint, model_name=model_name, ema=ema, device=dev)
     run_cfg = info.get('config') or {}
     if data is None:
         data = run_cfg.get('data')
-        if data is None and info['model_name'].startswith('refiner (original'):
-            raise DataError('an original checkpoint was trained on another dataset: give --data DIR')
+        if data is None and run_cfg == {} and info['classes'] is None:
+            raise DataError(f'{checkpoint} does not say which dataset it was trained on: give --data DIR')
     fraction = 1.0  # evaluation always uses the whole split
-    datasets = build_datasets(data, fraction)
+    datasets = build_datasets(data, fraction, classes=run_cfg.get('classes') if data == run_cfg.get('data') else None)
     num_classes = getattr(model, 'num_classes', None)
     classes = datasets.classes
     if num_classes is not None and num_classes != len(classes):
         raise DataError(f'the model has {num_classes} classes but {data or "digits"} has {len(classes)}')
     if info.get('classes') and list(info['classes']) != list(classes):
         raise DataError(f'the model was trained on classes {info["classes"][:5]}..., the dataset has {classes[:5]}...')
-    dc = info.get('data_config')
-    if dc is None:
-        pcfg = getattr(model, 'pretrained_cfg', {}) or {}
-        size = getattr(model, 'grid_size', (14, 14))[0] * getattr(model.patch_embed, 'patch_size', 16)
-        dc = dict(input_size=[3, size, size], mean=list(pcfg.get('mean', (0.5,) * 3)),
-                  std=list(pcfg.get('std', (0.5,) * 3)), crop_pct=pcfg.get('crop_pct', 0.9),
-                  interpolation=pcfg.get('interpolation', 'bicubic'))
-    tf = eval_transform(dc['input_size'][-1], tuple(dc['mean']), tuple(dc['std']), dc['crop_pct'], dc['interpolation'])
+    tf = eval_transform(info['data_config'])
     base = datasets.val if split == 'val' else datasets.train
     ds = SeededTransformDataset(base, tf)
     if len(ds) == 0:

@@ -1,11 +1,13 @@
-"""``refiner export``: ONNX (dynamic batch, checked with onnxruntime) and TorchScript files."""
+"""``refiner export``: ONNX (dynamic batch, checked with onnxruntime), TorchScript files, and timm /
+Hugging Face Hub model folders (checked through ``timm.create_model('local-dir:...')``)."""
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import timm
 import torch
 
-__all__ = ['export_onnx', 'export_torchscript', 'check_onnx', 'check_torchscript', 'ExportError']
+__all__ = ['export_onnx', 'export_torchscript', 'export_hf', 'check_onnx', 'check_torchscript', 'check_hf',
+           'ExportError']
 
 
 class ExportError(RuntimeError):
@@ -78,15 +80,12 @@ def check_torchscript(path: str, model: torch.nn.Module, img_size: int, batches:
 
 
 def load_for_export(model_name: Optional[str], checkpoint: Optional[str], img_size: Optional[int],
-                    model_args: Optional[dict] = None) -> tuple:
-    """The model to export and its input size: from a checkpoint (run, weights, original) or by name."""
+                    model_args: Optional[dict] = None) -> Tuple[torch.nn.Module, Dict[str, Any]]:
+    """The model to export and its info (``data_config``, ``classes``, ``model_name``, ``model_args``):
+    from a checkpoint (any source :func:`refiner.pretrained.load_model` reads) or by name (random weights)."""
+    from .pretrained import load_model, resolve_data_config
     if checkpoint:
-        from .checkpoint import load_model
-        model, info = load_model(checkpoint)
-        size = img_size or (info.get('data_config') or {}).get('input_size', [3, None, None])[-1]
-        if size is None:
-            size = model.grid_size[0] * model.patch_embed.patch_size if hasattr(model, 'grid_size') else 224
-        return model, size
+        return load_model(checkpoint, model_name=model_name, img_size=img_size)
     if not model_name:
         raise ExportError('give --model NAME or --checkpoint PATH')
     if not timm.is_model(model_name):
@@ -94,6 +93,57 @@ def load_for_export(model_name: Optional[str], checkpoint: Optional[str], img_si
     kwargs = dict(model_args or {})
     if img_size:
         kwargs['img_size'] = img_size
-    model = timm.create_model(model_name, **kwargs)
-    size = img_size or model.pretrained_cfg['input_size'][-1]
-    return model, size
+    model = timm.create_model(model_name, **kwargs).eval()
+    info = {'source': f'{model_name} (random weights)', 'model_name': model_name, 'model_args': kwargs,
+            'data_config': resolve_data_config(model), 'classes': None}
+    return model, info
+
+
+def export_hf(model: torch.nn.Module, out_dir: str, info: Dict[str, Any]) -> Path:
+    """A timm / Hugging Face Hub model folder (timm's ``save_for_hf``: config.json and
+    model.safetensors) that ``timm.create_model('local-dir:OUT_DIR')`` loads after ``import refiner``.
+
+    The folder is written beside the target and renamed into place, so a failure leaves no partial folder.
+    """
+    import shutil
+    import tempfile
+
+    from timm.models import save_for_hf
+
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f'{out} already exists and is not an empty folder; choose another OUT_DIR')
+    dc = info['data_config']
+    data_config = {'input_size': tuple(dc['input_size']), 'mean': tuple(dc['mean']), 'std': tuple(dc['std']),
+                   'crop_pct': dc['crop_pct'], 'interpolation': dc['interpolation']}
+    model_config: Dict[str, Any] = {}
+    if info.get('classes'):
+        model_config['label_names'] = list(info['classes'])
+    args = {k: v for k, v in (info.get('model_args') or {}).items()  # what rebuilds it, not how it trained
+            if k != 'pretrained_cfg' and not (k.startswith('drop') or k.endswith('drop_rate'))}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
+    try:
+        save_for_hf(model, str(tmp), model_config=model_config, model_args=args, safe_serialization=True,
+                    data_config=data_config)
+        if out.exists():
+            out.rmdir()
+        tmp.rename(out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, (ValueError, TypeError, AssertionError)):
+            raise ExportError(f'cannot write a model folder: {str(e).splitlines()[0]}') from None
+        raise
+    return out
+
+
+def check_hf(out_dir: str, model: torch.nn.Module, img_size: int, batches: Sequence[int] = (1, 3),
+             in_chans: int = 3) -> Dict[int, float]:
+    """``timm.create_model('local-dir:...')`` against the model, max |diff| / max |output| per batch size."""
+    loaded = timm.create_model(f'local-dir:{Path(out_dir).resolve()}', pretrained=True).eval()
+    errs = {}
+    for b in batches:
+        x = torch.randn(b, in_chans, img_size, img_size)
+        with torch.no_grad():
+            errs[b] = _rel_err(loaded(x), model(x))
+    return errs

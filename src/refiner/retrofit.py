@@ -4,16 +4,22 @@ Each chosen block keeps its q, k, v and output projections; its attention map is
 distributed-local-attention module before it aggregates V. The refinement starts as the identity
 (its last BatchNorm is zero-initialised, around an identity residual), so the retrofitted model
 computes exactly what the original did until it is trained.
-"""
-from typing import Iterable, List, Optional, Union
 
+``timm.create_model('refined_vit', base_model='deit_small_patch16_224', refine_blocks='all')`` builds
+a retrofitted model by name, so that its weights reload (and a Hub folder of it loads) like any
+timm model's.
+"""
+from typing import Any, Dict, Iterable, List, Optional, Union
+
+import timm
 import torch
 from timm.layers import Attention
+from timm.models import load_pretrained, register_model
 from torch import nn
 
 from .layers import DistributedLocalAttention, RefinedAttention
 
-__all__ = ['RefinedTimmAttention', 'refine_vit']
+__all__ = ['RefinedTimmAttention', 'refine_vit', 'refined_vit']
 
 
 class RefinedTimmAttention(RefinedAttention):
@@ -104,4 +110,37 @@ def refine_vit(
                     refine_kernel_size=refine_kernel_size)
     if isinstance(getattr(model, 'pretrained_cfg', None), dict):
         model.pretrained_cfg = dict(model.pretrained_cfg, refiner=settings)
+    return model
+
+
+@register_model
+def refined_vit(pretrained: bool = False, base_model: str = 'deit_small_patch16_224',
+                refine_blocks: Union[str, int, List[int]] = 'all', refine_mode: str = 'inverted_residual',
+                expansion_ratio: int = 3, refine_kernel_size: int = 3,
+                pretrained_cfg: Optional[Dict[str, Any]] = None,
+                pretrained_cfg_overlay: Optional[Dict[str, Any]] = None, cache_dir: Optional[str] = None,
+                pretrained_model_args: Optional[Dict[str, Any]] = None,
+                **kwargs: Any) -> nn.Module:
+    """A timm ViT (``base_model``, created with ``kwargs``) whose ``refine_blocks`` have refined attention.
+
+    With ``pretrained=True`` the weights come from ``pretrained_cfg`` (as
+    ``timm.create_model('local-dir:DIR')`` passes it for a folder written by ``refiner export --format hf``).
+    """
+    if not timm.is_model(base_model) or base_model == 'refined_vit':
+        raise ValueError(f'base_model {base_model!r}: expected a timm ViT model name such as deit_small_patch16_224')
+    model = timm.create_model(base_model, **kwargs)
+    refine_vit(model, refine_blocks, refine_mode=refine_mode, expansion_ratio=expansion_ratio,
+               refine_kernel_size=refine_kernel_size)
+    cfg = dict(model.pretrained_cfg)
+    cfg.pop('refiner', None)
+    cfg.update(pretrained_cfg or {}, **(pretrained_cfg_overlay or {}))
+    cfg['architecture'] = 'refined_vit'
+    model.pretrained_cfg = model.default_cfg = cfg
+    # what create_model records to rebuild the model (timm's save_for_hf writes it as model_args)
+    model._model_args = dict(getattr(model, '_model_args', {}), base_model=base_model,
+                             refine_blocks=model.refined_blocks, refine_mode=refine_mode,
+                             expansion_ratio=expansion_ratio, refine_kernel_size=refine_kernel_size)
+    if pretrained:
+        load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes, in_chans=kwargs.get('in_chans', 3),
+                        cache_dir=cache_dir)
     return model

@@ -9,11 +9,18 @@ the epoch, step), and a run killed at any moment and resumed from its last check
 same batches with the same randomness: on CPU its final weights are bit-identical to an
 uninterrupted run's.
 
-Files (``--out DIR``): config.yaml (the resolved config), metrics.jsonl (one line per finished
-epoch), checkpoint.pt (the training state, written atomically at every epoch end and every
-``checkpoint_every`` steps), model.safetensors and model_ema.safetensors (final weights),
-summary.json (when the run ends). Only rank 0 writes.
+Fine-tuning (``finetune: SRC``): the model starts from any weight source :mod:`refiner.pretrained`
+reads; the run first evaluates those weights and records them as epoch 0. ``refine`` retrofits a
+timm ViT (``refine_vit``) before training; ``linear_probe`` trains the classifier alone;
+``layer_decay`` decays the learning rate layer by layer (timm's ``param_groups_layer_decay``).
+
+Files (``--out DIR``): config.yaml (the resolved config: the model as built, so that a resume
+needs no source), metrics.jsonl (one line per finished epoch), checkpoint.pt (the training
+state, written atomically at every epoch end and every ``checkpoint_every`` steps),
+model.safetensors and model_ema.safetensors (final weights), summary.json (when the run ends).
+Only rank 0 writes.
 """
+import dataclasses
 import difflib
 import json
 import math
@@ -32,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from timm.data import Mixup, create_transform
+from timm.data import Mixup, create_transform, resolve_model_data_config
 from timm.data.mixup import mixup_target
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -50,11 +57,13 @@ from .data import (
     SkipLog,
     build_datasets,
     collate_skipping,
+    eval_transform,
     safe_posterize,
 )
 from .fileio import atomic_write_text
+from .pretrained import Source, classifier_names, load_pretrained_weights, read_source
 
-__all__ = ['train', 'TrainingError', 'evaluate', 'eval_transform']
+__all__ = ['train', 'TrainingError', 'evaluate']
 
 
 class TrainingError(RuntimeError):
@@ -105,16 +114,42 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-def eval_transform(img_size: int, mean, std, crop_pct: float, interpolation: str):
-    return create_transform(img_size, is_training=False, interpolation=interpolation, mean=mean, std=std,
-                            crop_pct=crop_pct)
-
-
 def _check_model_name(name: str) -> None:
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f' (did you mean {", ".join(close)}?)' if close else ''
         raise TrainingError(f'--model {name}: not a timm model name{hint}')
+
+
+_TASK_ARGS = ('num_classes', 'img_size', 'drop_path_rate', 'drop_rate', 'pretrained_cfg')  # set by the new run
+
+
+def _resolve_model(cfg: TrainConfig, source: Optional[Source]) -> TrainConfig:
+    """The model a run builds, as config.yaml records it: the source's architecture where it names
+    one (and ``cfg.model`` is unset or the same), then ``refine`` as the ``refined_vit`` wrapper."""
+    name, args = cfg.model, dict(cfg.model_args)
+    if source is not None:
+        if name is None:
+            if source.model_name is None:
+                raise TrainingError(f'--finetune {source.path}: bare weights do not name their model; '
+                                    f'give --model NAME')
+            name = source.model_name
+        if name == source.model_name:
+            args = {**{k: v for k, v in source.model_args.items() if k not in _TASK_ARGS}, **args}
+    _check_model_name(name)
+    if cfg.refine is not None:
+        if name == 'refined_vit':
+            raise TrainingError(f'--refine: the model is already refined (blocks {args.get("refine_blocks")})')
+        refine = cfg.refine
+        if isinstance(refine, str) and refine != 'all':  # '0,2,4' from the command line
+            try:
+                refine = [int(b) for b in refine.split(',')]
+            except ValueError:
+                raise TrainingError(f"--refine {cfg.refine}: expected 'all', a number of last blocks or a "
+                                    f"comma-separated list of block indices") from None
+        args = {'base_model': name, 'refine_blocks': refine, **args}
+        name = 'refined_vit'
+    return dataclasses.replace(cfg, model=name, model_args=args, refine=None)
 
 
 def _create_model(cfg: TrainConfig, num_classes: int, img_size: int) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -126,10 +161,17 @@ def _create_model(cfg: TrainConfig, num_classes: int, img_size: int) -> Tuple[nn
             raise TrainingError('token_labeling needs a Refiner-ViT model (it adds the per-token head)')
         args['aux_head'] = True
     try:
-        model = timm.create_model(cfg.model, img_size=img_size, **args)
-        args['img_size'] = img_size
-    except TypeError:  # models without an img_size argument (CNNs)
-        model = timm.create_model(cfg.model, **args)
+        try:
+            model = timm.create_model(cfg.model, img_size=img_size, **args)
+            args['img_size'] = img_size
+        except TypeError as e:  # models without an img_size argument (CNNs)
+            if 'img_size' not in str(e):
+                raise
+            model = timm.create_model(cfg.model, **args)
+    except (TypeError, ValueError) as e:
+        raise TrainingError(f'cannot create {cfg.model} with {args}: {str(e).splitlines()[0]}') from None
+    if hasattr(model, 'refined_blocks'):
+        args['refine_blocks'] = list(model.refined_blocks)  # 'all' or 'the last n' as block indices
     return model, args
 
 
@@ -223,16 +265,19 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str] = N
             cfg = TrainConfig(**{**saved, **keep})
         except Exception as e:
             raise TrainingError(f'--resume {resume}: config.yaml is not a refiner training config ({e})') from None
-    else:
+    cfg.validate()
+    source = None
+    if resume is None:
+        source = read_source(cfg.finetune) if cfg.finetune else None
+        cfg = _resolve_model(cfg, source)
         out = out or cfg.out or f'runs/{cfg.model}-{time.strftime("%Y%m%d-%H%M%S")}'
         files = RunFiles(out)
-    cfg.validate()
     ddp, device = _setup_distributed(cfg.device)
     resuming = resume is not None and files.state.is_file()
     if resume is not None and not resuming and ddp.main:
         print(f'{resume}: no checkpoint was written yet; starting the run from the beginning', flush=True)
     try:
-        return _Trainer(cfg, files, ddp, device, resuming, progress).run()
+        return _Trainer(cfg, files, ddp, device, resuming, progress, source).run()
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
@@ -241,7 +286,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str] = N
 class _Trainer:
 
     def __init__(self, cfg: TrainConfig, files: RunFiles, ddp: Dist, device: torch.device, resuming: bool,
-                 progress: bool) -> None:
+                 progress: bool, source: Optional[Source] = None) -> None:
         self.cfg, self.files, self.ddp, self.device, self.progress = cfg, files, ddp, device, progress and ddp.main
         if cfg.amp == 'fp16' and device.type != 'cuda':
             raise TrainingError('amp fp16 needs CUDA (loss scaling); use --amp bf16 on a CPU')
@@ -253,21 +298,32 @@ class _Trainer:
         _seed_everything(cfg.seed, -1)
 
         # data
-        self.data = build_datasets(cfg.data, cfg.train_fraction, cfg.seed)
+        self.data = build_datasets(cfg.data, cfg.train_fraction, cfg.seed, cfg.classes)
         self.num_classes = len(self.data.classes)
         if self.num_classes < 2:
             raise DataError(f'{self.data.description}: at least two classes are needed')
-        img_size = cfg.img_size or self.data.default_img_size
+        img_size = cfg.img_size or self.data.default_img_size or cfg.model_args.get('img_size')
+        if img_size is None and source is not None:
+            img_size = source.model_args.get('img_size') or (source.data_config or {}).get('input_size', [None])[-1]
         if img_size is None:
             default = timm.models.get_pretrained_cfg_value(cfg.model, 'input_size')
             img_size = default[-1] if default else 224
-        self.img_size = img_size
+        self.img_size = img_size = int(img_size[-1] if isinstance(img_size, (list, tuple)) else img_size)
         self.model, self.model_args = _create_model(cfg, self.num_classes, img_size)
+        if cfg.layer_decay is not None and not hasattr(self.model, 'group_matcher'):
+            raise TrainingError(f'layer_decay: {cfg.model} has no group_matcher to tell its layers apart')
+        self.loaded = None
+        if source is not None and not resuming:  # a resume's state holds the weights
+            self.loaded = load_pretrained_weights(self.model, source, cfg.model, self.data.classes)
+        if cfg.linear_probe:  # only the classifier heads learn; _step keeps the rest in eval mode
+            heads = tuple(f'{h}.' for h in classifier_names(self.model))
+            for name, p in self.model.named_parameters():
+                p.requires_grad_(name.startswith(heads))
         self.model.to(device)
-        pcfg = getattr(self.model, 'pretrained_cfg', {}) or {}
-        mean = tuple(cfg.mean or pcfg.get('mean', (0.485, 0.456, 0.406)))
-        std = tuple(cfg.std or pcfg.get('std', (0.229, 0.224, 0.225)))
-        crop_pct = cfg.crop_pct or pcfg.get('crop_pct', 0.875)
+        # normalisation: the recipe's, else what the source was trained with, else the model's own
+        known = (source.data_config if source is not None else None) or resolve_model_data_config(self.model)
+        mean, std = tuple(cfg.mean or known['mean']), tuple(cfg.std or known['std'])
+        crop_pct = cfg.crop_pct or known.get('crop_pct') or 0.875
         self.data_config = dict(input_size=[3, img_size, img_size], mean=list(mean), std=list(std), crop_pct=crop_pct,
                                 interpolation=cfg.interpolation)
         train_tf = create_transform(
@@ -275,7 +331,7 @@ class _Trainer:
             color_jitter=0.0, auto_augment=cfg.aa, interpolation=cfg.train_interpolation, mean=mean, std=std,
             re_prob=cfg.reprob, re_mode=cfg.remode, re_count=1)
         safe_posterize(train_tf)
-        val_tf = eval_transform(img_size, mean, std, crop_pct, cfg.interpolation)
+        val_tf = eval_transform(self.data_config)
         self.train_set = SeededTransformDataset(self.data.train, train_tf, cfg.seed)
         self.val_set = SeededTransformDataset(self.data.val, val_tf, cfg.seed)
         per_step = cfg.batch_size * ddp.world_size
@@ -291,11 +347,13 @@ class _Trainer:
 
         # optimisation: the DeiT recipe on timm's factories
         self.lr = cfg.lr * per_step / cfg.lr_base_size
+        # frozen parameters are left out; layer_decay groups parameters by the model's group_matcher
         self.optimizer = create_optimizer_v2(self.model, cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay,
-                                             eps=cfg.opt_eps)
+                                             eps=cfg.opt_eps, layer_decay=cfg.layer_decay)
+        cooldown = min(cfg.cooldown_epochs, cfg.epochs - 1)  # epochs counts them: --epochs N runs N epochs
         self.scheduler, self.total_epochs = create_scheduler_v2(
-            self.optimizer, sched='cosine', num_epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-            warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, cooldown_epochs=cfg.cooldown_epochs,
+            self.optimizer, sched='cosine', num_epochs=cfg.epochs - cooldown, warmup_epochs=cfg.warmup_epochs,
+            warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, cooldown_epochs=cooldown,
             step_on_epochs=False, updates_per_epoch=self.steps_per_epoch)
         self.mixup = None
         if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0:
@@ -395,7 +453,7 @@ class _Trainer:
         if images.shape[0] % 2 and self.mixup is not None:  # a skipped file left an odd batch
             images, targets = images[:-1], targets[:-1]
         _seed_everything(cfg.seed, self.global_step, self.ddp.rank)
-        self.model.train()
+        self.model.train(not cfg.linear_probe)  # a linear probe's backbone stays in eval mode (BatchNorm frozen)
         loss = self._loss(images.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True))
         value = loss.item()  # the step's one synchronisation: the progress bar and the NaN check share it
         bad = not math.isfinite(value)
@@ -436,6 +494,10 @@ class _Trainer:
                   f'{self.ddp.world_size}, lr {self.lr:.3g}, '
                   f'{self.device}' + (f', resuming at epoch {self.epoch + 1} step {self.global_step}'
                                       if self.global_step else '') + f'; run directory {files.root}', flush=True)
+            if self.loaded:
+                print(self.loaded, flush=True)
+        if cfg.finetune and not self.history and self.global_step == 0:
+            self._evaluate_start()
         total_steps = self.total_epochs * self.steps_per_epoch
         bar = tqdm(total=total_steps, initial=self.global_step, unit='step', disable=not self.progress,
                    dynamic_ncols=True, mininterval=0.5 if sys.stderr.isatty() else 10.0, file=sys.stderr)
@@ -480,6 +542,14 @@ class _Trainer:
         bar.close()
         return self._finish()
 
+    def _evaluate_start(self) -> None:
+        """Epoch 0: the weights the run starts from, so that metrics.jsonl shows what training gained."""
+        record = {'epoch': 0, **self._evaluate(), 'wall_time_s': 0.0}
+        self.history.append(record)
+        if self.ddp.main:
+            _write_metrics(self.files, self.history)
+            print(f'epoch 0 (the starting weights): top-1 {record["top1"]:.2f}%', flush=True)
+
     def _evaluate(self) -> Dict[str, Any]:
         loader = self._loader(self.val_set, self.val_sampler)
         res = evaluate(self.model, loader, self.device, self.num_classes, self.cfg.amp, self.skips)
@@ -495,15 +565,17 @@ class _Trainer:
         summary = {
             'model': self.cfg.model, 'params': sum(p.numel() for p in self.model.parameters()),
             'top1': last['top1'], 'top5': last['top5'], 'eval_loss': last['eval_loss'],
-            'epochs': len(self.history), 'steps': self.global_step,
-            'images_per_s': sum(h['images_per_s'] * h['train_time_s'] for h in self.history)
-            / max(sum(h['train_time_s'] for h in self.history), 1e-9),
-            'train_time_s': sum(h['train_time_s'] for h in self.history),
+            'epochs': self.epoch, 'steps': self.global_step,
+            'images_per_s': sum(h.get('images_per_s', 0) * h.get('train_time_s', 0) for h in self.history)
+            / max(sum(h.get('train_time_s', 0) for h in self.history), 1e-9),
+            'train_time_s': sum(h.get('train_time_s', 0) for h in self.history),
             'skipped_files': len(skipped), 'skipped_paths': skipped[:100],
             'num_train': self.data.num_train, 'num_val': self.data.num_val, 'world_size': self.ddp.world_size,
         }
         if 'ema_top1' in last:
             summary.update(ema_top1=last['ema_top1'], ema_top5=last['ema_top5'])
+        if self.history[0]['epoch'] == 0:
+            summary.update(start_top1=self.history[0]['top1'], start_top5=self.history[0]['top5'])
         if self.ddp.main:
             extra = {'data_config': self.data_config, 'classes': self.data.classes}
             save_weights(self.model, files.weights, self.cfg.model, self.model_args, extra)

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..data import eval_transform
+from ..pretrained import resolve_data_config
 from .attention_maps import AttentionDiversity, attention_blocks, attention_maps
 from .cka import MinibatchCKA, curve_at, normalised_curve
 from .features import AnalysisError, block_features
@@ -93,38 +95,6 @@ def parse_model_args(text: Optional[str]) -> Dict[str, Any]:
     return value
 
 
-def _native_size(model: nn.Module) -> Optional[int]:
-    """The input size the model was built for (its position embeddings), when it has one."""
-    grid = getattr(model, 'grid_size', None)
-    pe = getattr(model, 'patch_embed', None)
-    patch = getattr(pe, 'patch_size', None)
-    if grid is not None and patch is not None:  # Refiner-ViT: grid_size and an int patch size
-        p = patch[0] if isinstance(patch, (tuple, list)) else patch
-        return int(grid[0]) * int(p)
-    img_size = getattr(pe, 'img_size', None)  # timm ViT
-    if img_size is not None:
-        return int(img_size[0] if isinstance(img_size, (tuple, list)) else img_size)
-    return None
-
-
-def _data_config(model: nn.Module, stored: Optional[Dict[str, Any]], img_size: Optional[int]) -> Dict[str, Any]:
-    from timm.data import resolve_model_data_config
-    dc = dict(resolve_model_data_config(model))
-    if stored:
-        dc.update({k: v for k, v in stored.items() if k in ('input_size', 'mean', 'std', 'crop_pct', 'interpolation')})
-    else:
-        size = _native_size(model)
-        if size is not None:
-            dc['input_size'] = (3, size, size)
-    if img_size is not None:
-        dc['input_size'] = (3, img_size, img_size)
-    dc['input_size'] = tuple(int(v) for v in dc['input_size'])
-    dc['mean'], dc['std'] = tuple(float(v) for v in dc['mean']), tuple(float(v) for v in dc['std'])
-    dc['crop_pct'] = float(dc.get('crop_pct') or 1.0)
-    dc['interpolation'] = dc.get('interpolation') or 'bicubic'
-    return dc
-
-
 def load_analysis_model(name: Optional[str], checkpoint: Optional[str] = None, img_size: Optional[int] = None,
                         model_args: Optional[Dict[str, Any]] = None, pretrained: bool = False,
                         device: Union[str, torch.device] = 'cpu', label: Optional[str] = None) -> LoadedModel:
@@ -139,14 +109,12 @@ def load_analysis_model(name: Optional[str], checkpoint: Optional[str] = None, i
         raise AnalysisError(f'--img-size must be a positive number of pixels, got {img_size}')
     model_args = dict(model_args or {})
     if checkpoint:
-        from ..checkpoint import load_model
+        from ..pretrained import load_model
         if model_args:
             raise AnalysisError('--model-args only applies to a model created by name; '
                                 'a checkpoint fixes the architecture')
-        model, info = load_model(checkpoint, device='cpu')
-        if img_size is not None and hasattr(model, 'set_input_size') and _native_size(model) not in (None, img_size):
-            model.set_input_size(img_size)  # resample the position embeddings
-        dc = _data_config(model, info.get('data_config'), img_size)
+        model, info = load_model(checkpoint, img_size=img_size)
+        dc = info['data_config']
         source = f'checkpoint {checkpoint}'
         label = label or name or str(info.get('model_name') or Path(checkpoint).stem)
         extra = {'classes': info.get('classes')}
@@ -172,7 +140,7 @@ def load_analysis_model(name: Optional[str], checkpoint: Optional[str] = None, i
             if not pretrained:
                 raise
             raise AnalysisError(f'cannot load pretrained weights of {name}: {str(e).splitlines()[0]}') from None
-        dc = _data_config(model, None, size)
+        dc = resolve_data_config(model, None, size)
         source = 'pretrained weights' if pretrained else 'random initialisation (no checkpoint)'
         label = label or name
         extra = {}
@@ -247,8 +215,7 @@ def _split(data: Optional[str]) -> Tuple[Dataset, str]:
 
 def _loader(base: Dataset, dc: Dict[str, Any], batches: List[List[int]]) -> DataLoader:
     from ..data import SeededTransformDataset, collate_skipping
-    from ..train import eval_transform
-    tf = eval_transform(dc['input_size'][-1], dc['mean'], dc['std'], dc['crop_pct'], dc['interpolation'])
+    tf = eval_transform(dc)
     return DataLoader(SeededTransformDataset(base, tf), batch_sampler=batches, collate_fn=collate_skipping)
 
 
@@ -521,7 +488,6 @@ def add_show_attention_args(parser: argparse.ArgumentParser) -> None:
 def run_show_attention(args: argparse.Namespace) -> int:
     """Write the per-head, per-stage attention of one query token of IMAGE for one block as a PNG."""
     from ..data import DataError, load_rgb
-    from ..train import eval_transform
     from .plots import plot_attention_grid
 
     query = parse_query(args.query)
@@ -537,7 +503,7 @@ def run_show_attention(args: argparse.Namespace) -> int:
     if args.block is not None and not -len(mods) <= args.block < len(mods):
         raise BlockIndexError(f'--block {args.block} is out of range: {lm.label} has blocks 0 to {len(mods) - 1}')
     dc = lm.data_config
-    tf = eval_transform(dc['input_size'][-1], dc['mean'], dc['std'], dc['crop_pct'], dc['interpolation'])
+    tf = eval_transform(dc)
     x = tf(img)  # (3, S, S), normalised
     blocks = attention_maps(lm.model, x[None].to(device))
     if args.block is None:

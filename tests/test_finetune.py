@@ -1,0 +1,266 @@
+"""Transfer learning end to end: fine-tuning from every kind of weight source, retrofitting a timm
+ViT, linear probing, layer decay, prediction, Hub model folders, and the one-sentence refusals."""
+import json
+import pickle
+
+import pytest
+import timm
+import torch
+import yaml
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+import refiner  # noqa: F401  (registers the models)
+from refiner.cli import main
+from refiner.config import TrainConfig, apply_overrides, load_recipe
+from refiner.pretrained import load_model, read_source
+from refiner.train import train
+
+NANO = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)  # a tiny Refiner-ViT on 16x16 digits
+VIT = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)  # a tiny timm ViT on 16x16 digits
+
+
+def _cfg(**kw) -> TrainConfig:
+    """The default recipe, shortened; model=None: the architecture the finetune source names."""
+    base = dict(load_recipe('default'), epochs=1, batch_size=32, train_fraction=0.15, warmup_epochs=0,
+                ema=False, model_args=dict(NANO))
+    if kw.get('model', '') is None:
+        base.update(model=None, model_args={})
+    return apply_overrides(base, kw)
+
+
+@pytest.fixture(scope='module')
+def pretrained_run(tmp_path_factory):
+    """A tiny Refiner-ViT trained on digits 0-4: the 'pretrained weights' of these tests."""
+    out = tmp_path_factory.mktemp('pre') / 'run'
+    train(_cfg(classes=[0, 1, 2, 3, 4], epochs=2, train_fraction=0.5), out=str(out), progress=False)
+    return out
+
+
+@pytest.fixture(scope='module')
+def vit_run(tmp_path_factory):
+    """A tiny timm ViT trained on all digits, and its weights as a bare timm state-dict file."""
+    root = tmp_path_factory.mktemp('vit')
+    summary = train(_cfg(model='vit_tiny_patch16_224', model_args=dict(VIT), epochs=2, train_fraction=0.3),
+                    out=str(root / 'run'), progress=False)
+    state = load_file(str(root / 'run' / 'model.safetensors'))
+    torch.save({'model': {f'module.{k}': v for k, v in state.items()}}, root / 'vit.pth')  # DeiT's layout
+    return root, summary
+
+
+def _metrics(run):
+    return [json.loads(line) for line in (run / 'metrics.jsonl').read_text().splitlines()]
+
+
+def test_finetune_on_other_classes_records_the_start_and_reinitialises_the_head(pretrained_run, tmp_path, capsys):
+    out = tmp_path / 'ft'
+    main(['train', '--finetune', str(pretrained_run), '--classes', '5', '6', '7', '8', '9', '--epochs', '1',
+          '--batch-size', '16', '--train-fraction', '0.1', '--out', str(out), '--no-progress'])
+    printed = capsys.readouterr().out
+    assert 're-initialised head (other classes, 5 -> 5 classes)' in printed
+    cfg = yaml.safe_load((out / 'config.yaml').read_text())
+    assert cfg['model'] == 'refiner_vit_nano' and cfg['model_args']['embed_dim'] == 32  # from the source
+    epochs = [m['epoch'] for m in _metrics(out)]
+    assert epochs == [0, 1]  # epoch 0: the starting weights, evaluated before training
+    start = _metrics(out)[0]
+    assert 'train_loss' not in start and 0 <= start['top1'] <= 100
+    # every tensor but the head starts from the source
+    src = read_source(pretrained_run).state_dict
+    model = timm.create_model('refiner_vit_nano', num_classes=5, img_size=16, **NANO)
+    report = refiner.pretrained.load_pretrained_weights(model, read_source(pretrained_run), 'refiner_vit_nano',
+                                                        classes=['5', '6', '7', '8', '9'])
+    assert 'head' in report
+    for k, v in model.state_dict().items():
+        if not k.startswith('head.'):
+            assert torch.equal(v, src[k]), k
+    assert not torch.equal(model.head.weight, src['head.weight'])
+
+
+def test_finetune_an_original_checkpoint_at_new_classes_and_resolution(official, tmp_path):
+    """The authors' layout (nested, module. prefixes), 10 ImageNet-like classes at 64px, fine-tuned
+    on 5 digit classes at 32px: head re-initialised, pos_embed resampled, the rest loaded."""
+    sd = official['official_tiny']['state_dict']
+    path = tmp_path / 'refiner_tiny.pth.tar'
+    torch.save({'state_dict_ema': {f'module.{k}': v for k, v in sd.items()}, 'epoch': 3}, path)
+    source = read_source(path)
+    assert source.kind == 'original' and source.model_args['embed_dim'] == 32
+    out = tmp_path / 'ft'
+    summary = train(_cfg(model=None, finetune=str(path), classes=[0, 1, 2, 3, 4], img_size=32,
+                         batch_size=16, train_fraction=0.1), out=str(out), progress=False)
+    assert summary['epochs'] == 1 and 'start_top1' in summary
+    model, info = load_model(out)
+    assert model.num_classes == 5 and model.grid_size == (2, 2) and model.pos_embed.shape[1] == 5
+    assert info['classes'] == ['0', '1', '2', '3', '4'] and info['data_config']['input_size'] == (3, 32, 32)
+    # an original checkpoint fine-tuned at its own classes and size keeps the head
+    model = timm.create_model('refiner_vit_s', **source.model_args)
+    report = refiner.pretrained.load_pretrained_weights(model, source, 'refiner_vit_s')
+    assert 're-initialised' not in report and 'resampled' not in report
+    torch.testing.assert_close(model.eval()(official['official_tiny']['input']), official['official_tiny']['logits'],
+                               rtol=1e-4, atol=1e-5)
+
+
+def test_deit_plus_refiner_starts_as_its_source_and_reloads_without_repeating_refine(vit_run, tmp_path, capsys):
+    root, source_summary = vit_run
+    out = tmp_path / 'refined'
+    main(['train', '--model', 'vit_tiny_patch16_224', '--finetune', str(root / 'vit.pth'), '--refine', 'all',
+          '--set', f'model_args={json.dumps(VIT)}', '--epochs', '1', '--batch-size', '16', '--train-fraction', '0.1',
+          '--out', str(out), '--no-progress'])
+    printed = capsys.readouterr().out
+    assert 'refinement added to blocks [0, 1]' in printed
+    start = _metrics(out)[0]
+    assert start['epoch'] == 0
+    # the retrofit is the identity until trained: the first evaluation is the source model's
+    assert start['top1'] == pytest.approx(source_summary['top1'], abs=1e-9)
+    assert start['eval_loss'] == pytest.approx(source_summary['eval_loss'], rel=1e-5)
+    cfg = yaml.safe_load((out / 'config.yaml').read_text())
+    assert cfg['model'] == 'refined_vit' and cfg['model_args']['refine_blocks'] == 'all'
+    model, info = load_model(out)  # eval, predict, export, analyze all load this way
+    assert model.refined_blocks == [0, 1] and info['model_args']['refine_blocks'] == [0, 1]
+    assert main(['eval', '--checkpoint', str(out), '--json', str(tmp_path / 'ev.json')]) == 0
+
+
+def test_linear_probe_trains_only_the_classifier(pretrained_run, tmp_path):
+    out = tmp_path / 'probe'
+    train(_cfg(model=None, finetune=str(pretrained_run), classes=[5, 6, 7, 8, 9], linear_probe=True,
+               lr=0.05), out=str(out), progress=False)
+    before = read_source(pretrained_run).state_dict
+    after = load_file(str(out / 'model.safetensors'))
+    changed = sorted(k for k in after if not torch.equal(after[k], before[k]))
+    assert changed == ['head.bias', 'head.weight']  # BatchNorm statistics included: all else frozen
+
+
+def test_layer_decay_gives_each_block_its_own_learning_rate(pretrained_run, tmp_path):
+    out = tmp_path / 'ld'
+    train(_cfg(model=None, finetune=str(pretrained_run), layer_decay=0.5, classes=[0, 1, 2, 3, 4]),
+          out=str(out), progress=False)
+    state = torch.load(out / 'checkpoint.pt', weights_only=True)
+    scales = sorted({round(g['lr_scale'], 6) for g in state['optimizer']['param_groups']})
+    # stem (layer 0), two blocks, final norm + head: 0.5^3, 0.5^2, 0.5, 1
+    assert scales == [0.125, 0.25, 0.5, 1.0]
+
+
+def test_epochs_counts_the_cooldown(tmp_path):
+    summary = train(_cfg(epochs=2, cooldown_epochs=10), out=str(tmp_path / 'r'), progress=False)
+    assert summary['epochs'] == 2 and len(_metrics(tmp_path / 'r')) == 2
+
+
+def _image_folder(tmp_path):
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    folder = tmp_path / 'images' / 'nested'
+    folder.mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray((digits.images[i] * 15).astype('uint8')).save(folder / f'{i}_{digits.target[i]}.png')
+    (folder / 'broken.png').write_bytes(b'not an image at all')
+    (folder / 'notes.txt').write_text('ignored: not an image extension')
+    return tmp_path / 'images'
+
+
+def test_predict_a_folder_with_a_bad_file(pretrained_run, tmp_path, capsys):
+    images = _image_folder(tmp_path)
+    code = main(['predict', str(images), '--checkpoint', str(pretrained_run), '--topk', '3',
+                 '--json', str(tmp_path / 'p.json'), '--csv', str(tmp_path / 'p.csv'), '--no-progress'])
+    assert code == 0
+    assert '6 image(s) classified' in capsys.readouterr().out
+    res = json.loads((tmp_path / 'p.json').read_text())
+    assert res['skipped'] == [str(images / 'nested' / 'broken.png')] and len(res['predictions']) == 6
+    assert res['classes'] == ['0', '1', '2', '3', '4']
+    # the same numbers as the model on the run's eval transform
+    model, info = load_model(pretrained_run)
+    tf = refiner.data.eval_transform(info['data_config'])
+    first = res['predictions'][0]
+    x = tf(refiner.data.load_rgb(first['file']))[None]
+    probs = model(x).softmax(-1)[0]
+    assert first['indices'] == probs.topk(3).indices.tolist()
+    assert first['probs'] == pytest.approx(probs.topk(3).values.tolist(), rel=1e-5)
+    rows = (tmp_path / 'p.csv').read_text().splitlines()
+    assert rows[0] == 'file,label1,prob1,label2,prob2,label3,prob3' and len(rows) == 7
+
+
+def test_predict_names_imagenet_classes_for_a_1000_class_model():
+    from refiner.predict import class_names
+    names = class_names(1000, None)
+    assert len(names) == 1000 and names[0].startswith('tench')
+
+
+def test_hub_folder_round_trip_and_finetune_from_it(pretrained_run, vit_run, tmp_path):
+    for src, name in ((pretrained_run, 'nano'), (vit_run[0] / 'run', 'vit')):
+        out = tmp_path / f'hf_{name}'
+        assert main(['export', str(out), '--format', 'hf', '--checkpoint', str(src)]) == 0
+        assert (out / 'config.json').is_file() and (out / 'model.safetensors').is_file()
+        loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
+        model, info = load_model(src)
+        x = torch.randn(2, 3, 16, 16)
+        assert torch.equal(loaded(x), model(x))
+        assert json.loads((out / 'config.json').read_text())['pretrained_cfg']['mean'] == [0.5, 0.5, 0.5]
+    # a refined timm ViT as a Hub folder
+    refined = timm.create_model('refined_vit', base_model='vit_tiny_patch16_224', refine_blocks=[1], img_size=16,
+                                num_classes=3, **VIT).eval()
+    for p in refined.parameters():
+        p.data.normal_(0, 0.2)
+    from refiner.export import export_hf
+    from refiner.pretrained import resolve_data_config
+    export_hf(refined, str(tmp_path / 'hf_refined'), {'data_config': resolve_data_config(refined),
+                                                      'model_args': refined._model_args})
+    again = timm.create_model(f'local-dir:{tmp_path / "hf_refined"}', pretrained=True).eval()
+    x = torch.randn(2, 3, 16, 16)
+    assert again.refined_blocks == [1] and torch.equal(again(x), refined(x))
+    # fine-tune from the folder: its config names the architecture
+    summary = train(_cfg(model=None, finetune=str(tmp_path / 'hf_nano'), classes=[5, 6, 7]),
+                    out=str(tmp_path / 'ft'), progress=False)
+    assert summary['epochs'] == 1
+    assert read_source(tmp_path / 'hf_nano').kind == 'hub'
+
+
+def _one_line_error(capsys, argv, *fragments):
+    assert main(argv) in (1, 2)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'Traceback' not in err, err
+    for f in fragments:
+        assert f in err, err
+    return err
+
+
+class _Payload:
+    def __reduce__(self):
+        return (print, ('this must never run',))
+
+
+def test_every_refusal_is_one_sentence(pretrained_run, official, tmp_path, capsys):
+    common = ['--epochs', '1', '--no-progress', '--out', str(tmp_path / 'x')]
+    # S weights into M: a wider model than the weights
+    _one_line_error(capsys, ['train', '--finetune', str(pretrained_run), '--model', 'refiner_vit_ti', *common],
+                    'does not fit refiner_vit_ti', 'cls_token has shape [1, 1, 32], refiner_vit_ti needs [1, 1, 192]')
+    # a ResNet's weights into a ViT
+    torch.save(timm.create_model('resnet18', num_classes=10).state_dict(), tmp_path / 'resnet.pth')
+    _one_line_error(capsys, ['train', '--finetune', str(tmp_path / 'resnet.pth'), '--model', 'vit_tiny_patch16_224',
+                             *common], 'does not fit vit_tiny_patch16_224', 'it has no cls_token')
+    # a bare file without --model
+    _one_line_error(capsys, ['train', '--finetune', str(tmp_path / 'resnet.pth'), *common], 'give --model NAME')
+    # truncated, text, code-running pickle, integer weights, empty, corrupt safetensors
+    good = tmp_path / 'good.pth'
+    torch.save(official['official_tiny']['state_dict'], good)
+    (tmp_path / 'cut.pth').write_bytes(good.read_bytes()[:5000])
+    (tmp_path / 'text.pth').write_text('weights: none\n')
+    with open(tmp_path / 'evil.pth', 'wb') as f:
+        pickle.dump({'state_dict': _Payload()}, f)
+    weights = pretrained_run / 'model.safetensors'
+    from safetensors import safe_open
+    with safe_open(str(weights), 'pt') as f:
+        meta = f.metadata()
+    ints = {k: v.to(torch.int64) if v.is_floating_point() else v for k, v in load_file(str(weights)).items()}
+    save_file(ints, str(tmp_path / 'ints.safetensors'), metadata=meta)  # refiner's metadata: it names its model
+    (tmp_path / 'empty.pth').write_bytes(b'')
+    (tmp_path / 'bad.safetensors').write_bytes(b'\x10\x00\x00\x00\x00\x00\x00\x00{"a":')
+    for name, fragment in (('cut.pth', 'truncated or corrupt'), ('text.pth', 'is a text file'),
+                           ('evil.pth', 'never unpickles'), ('empty.pth', 'is empty'),
+                           ('bad.safetensors', 'not a readable safetensors file')):
+        for argv in (['eval', '--checkpoint', str(tmp_path / name)],
+                     ['predict', str(tmp_path), '--checkpoint', str(tmp_path / name)],
+                     ['export', str(tmp_path / 'o.onnx'), '--format', 'onnx', '--checkpoint', str(tmp_path / name)],
+                     ['train', '--finetune', str(tmp_path / name), '--model', 'refiner_vit_s', *common]):
+            _one_line_error(capsys, argv, fragment)
+    assert 'this must never run' not in capsys.readouterr().out
+    _one_line_error(capsys, ['eval', '--checkpoint', str(tmp_path / 'ints.safetensors')],
+                    'holds int64 values where weights must be floating point')
+    _one_line_error(capsys, ['eval', '--checkpoint', str(tmp_path)], 'neither a refiner run')
