@@ -333,6 +333,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .checkpoint import CheckpointError
     from .config import ConfigError
     from .data import DataError
+    from .devices import DeviceError
     from .export import ExportError
     from .train import TrainingError
     try:
@@ -340,7 +341,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except UsageError as e:
         print(f'refiner {args.command}: {e}', file=sys.stderr)
         return 2
-    except (AnalysisError, CheckpointError, ConfigError, DataError, ExportError, TrainingError) as e:
+    except (AnalysisError, CheckpointError, ConfigError, DataError, DeviceError, ExportError, TrainingError) as e:
         print(f'refiner {args.command}: {e}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 import torch
 
 from .fileio import atomic_write
-from .models.refiner_vit import RefinerViT
+from .models.refiner_vit import RefinerViT, is_official_state_dict, official_to_refiner
 
 __all__ = [
     'CheckpointError', 'check_state_dict', 'convert_checkpoint', 'infer_official_config', 'is_official_state_dict',
@@ -26,17 +26,6 @@ __all__ = [
 
 StateDict = Dict[str, torch.Tensor]
 
-# original module names inside a refining block's attention -> ours
-_RENAMES = (
-    ('.attn.DLA.conv_exp.', '.attn.refine.expand.'),
-    ('.attn.DLA.bn1.', '.attn.refine.expand_norm.'),
-    ('.attn.DLA.depth_sep_conv.', '.attn.refine.local.'),
-    ('.attn.DLA.bn2.', '.attn.refine.local_norm.'),
-    ('.attn.DLA.conv_pro.', '.attn.refine.reduce.'),
-    ('.attn.DLA.bn3.', '.attn.refine.reduce_norm.'),
-    ('.attn.adapt_bn.', '.attn.refine_norm.'),
-    ('.mlp.scale_channel', '.ls2.gamma'),
-)
 _VARIANTS = {  # (embed_dim, depth, num_heads) -> registered name
     (384, 16, 12): 'refiner_vit_s',
     (420, 32, 12): 'refiner_vit_m',
@@ -110,11 +99,6 @@ def read_checkpoint(src: Union[str, os.PathLike, Mapping[str, Any]], use_ema: bo
     if not state_dict:
         raise CheckpointError(f'{name} holds no tensors')
     return state_dict
-
-
-def is_official_state_dict(state_dict: Mapping[str, Any]) -> bool:
-    """True for the authors' key layout (their refinement lives in ``attn.DLA``)."""
-    return any('.attn.DLA.' in k or k.endswith('.mlp.scale_channel') for k in state_dict)
 
 
 def _shape(sd: Mapping[str, torch.Tensor], key: str) -> Tuple[int, ...]:
@@ -196,19 +180,6 @@ def infer_official_config(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, A
     if config['aux_head'] and not num_classes:
         raise CheckpointError('aux_head.weight found without head.weight')
     return config
-
-
-def official_to_refiner(state_dict: Mapping[str, torch.Tensor]) -> StateDict:
-    """Rename the original's keys to this project's and fold its factor 2 on the residual branches."""
-    out: StateDict = {}
-    for k, v in state_dict.items():
-        for old, new in _RENAMES:
-            k = k.replace(old, new)
-        if k.startswith('blocks.') and (k.endswith('.attn.proj.weight') or k.endswith('.attn.proj.bias')
-                                        or k.endswith('.ls2.gamma')):
-            v = v * 2  # x + 2·f(...) in the original
-        out[k] = v
-    return out
 
 
 def variant_name(config: Mapping[str, Any]) -> Optional[str]:

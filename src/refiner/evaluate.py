@@ -1,10 +1,15 @@
-"""``refiner eval``: accuracy of a run, a weights file or an original checkpoint on a dataset."""
+"""Evaluation: accuracy, per-class accuracy and the confusion matrix of a model on a loader (used by
+training too), and ``refiner eval`` of any weight source on a dataset."""
 import json
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.data import DataLoader
+from tqdm import tqdm
 
 from .data import (
     DataError,
@@ -15,10 +20,43 @@ from .data import (
     collate_skipping,
     eval_transform,
 )
+from .devices import all_reduce, resolve_device
 from .pretrained import load_model
-from .train import TrainingError, evaluate
 
-__all__ = ['evaluate_checkpoint', 'plot_confusion']
+__all__ = ['evaluate', 'evaluate_checkpoint', 'plot_confusion']
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, amp: str = 'none',
+             skips: Optional[SkipLog] = None, progress: bool = False) -> Dict[str, Any]:
+    """Loss, top-1/top-5 (percent), per-class accuracy and the confusion matrix; summed over ranks."""
+    model.eval()
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
+    top5 = torch.zeros((), dtype=torch.long)
+    loss_sum = torch.zeros((), dtype=torch.float64)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp == 'bf16' else nullcontext()
+    for images, targets, skipped in tqdm(loader, desc='eval', leave=False, disable=not progress):
+        if skips is not None:
+            skips.add(skipped)
+        if images is None:
+            continue
+        images, targets = images.to(device), targets.to(device)
+        with ctx:
+            logits = model(images).float()
+        loss_sum += F.cross_entropy(logits, targets, reduction='sum').double().cpu()
+        pred = logits.argmax(-1)
+        confusion += torch.bincount(targets.cpu() * num_classes + pred.cpu(), minlength=num_classes ** 2).view(
+            num_classes, num_classes)
+        k = min(5, num_classes)
+        top5 += (logits.topk(k, dim=-1).indices == targets[:, None]).any(-1).sum().cpu()
+    for t in (confusion, top5, loss_sum):
+        all_reduce(t)
+    n = int(confusion.sum())
+    if n == 0:
+        raise DataError('no evaluation image could be read')
+    per_class = (confusion.diag().double() / confusion.sum(1).clamp_min(1).double() * 100).tolist()
+    return {'top1': float(confusion.diag().sum()) / n * 100, 'top5': float(top5) / n * 100,
+            'loss': float(loss_sum) / n, 'n': n, 'per_class': per_class, 'confusion': confusion.tolist()}
 
 
 def evaluate_checkpoint(checkpoint: str, data: Optional[str] = None, split: str = 'val', ema: bool = False,
@@ -26,8 +64,7 @@ def evaluate_checkpoint(checkpoint: str, data: Optional[str] = None, split: str 
                         progress: bool = True, model_name: Optional[str] = None) -> Dict[str, Any]:
     """Evaluate ``checkpoint`` (any source :func:`refiner.pretrained.load_model` reads) on ``data``
     (default: the run's dataset and classes, else the embedded digits). Returns metrics and classes."""
-    dev = torch.device('cuda' if device == 'auto' and torch.cuda.is_available() else
-                       ('cpu' if device == 'auto' else device))
+    dev = resolve_device(device)
     model, info = load_model(checkpoint, model_name=model_name, ema=ema, device=dev)
     run_cfg = info.get('config') or {}
     if data is None:
@@ -50,10 +87,7 @@ def evaluate_checkpoint(checkpoint: str, data: Optional[str] = None, split: str 
     sampler = EpochSampler(len(ds), batch_size, shuffle=False, drop_last=False)
     loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate_skipping)
     skips = SkipLog()
-    try:
-        res = evaluate(model, loader, dev, len(classes), skips=skips, progress=progress)
-    except TrainingError as e:
-        raise DataError(str(e)) from None
+    res = evaluate(model, loader, dev, len(classes), skips=skips, progress=progress)
     res.update(classes=classes, checkpoint=str(checkpoint), data=data or 'digits', split=split,
                skipped_files=len(skips), skipped_paths=sorted(skips.paths)[:100])
     return res

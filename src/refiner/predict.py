@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .data import IMG_EXTENSIONS, DataError, eval_transform, load_rgb
+from .devices import resolve_device
 from .fileio import atomic_write, atomic_write_text
 from .pretrained import load_model
 
@@ -83,8 +84,7 @@ def predict(inputs: Sequence[str], checkpoint: str, topk: int = 5, batch_size: i
     """
     if topk < 1:
         raise DataError(f'--topk must be at least 1, got {topk}')
-    dev = torch.device('cuda' if device == 'auto' and torch.cuda.is_available() else
-                       ('cpu' if device == 'auto' else device))
+    dev = resolve_device(device)
     model, info = load_model(checkpoint, model_name=model_name, device=dev)
     num_classes = getattr(model, 'num_classes', 0)
     if not num_classes:

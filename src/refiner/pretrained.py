@@ -23,6 +23,7 @@ import torch
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
+from .checkpoint import RunFiles
 from .convert import (
     CheckpointError,
     StateDict,
@@ -109,7 +110,6 @@ def _from_hub_folder(path: Path) -> Source:
 def read_source(src: Union[str, Path], ema: bool = False) -> Source:
     """Read any weight source (see the module docstring); ``ema`` takes a run's (or an original
     checkpoint's) EMA weights."""
-    from .checkpoint import RunFiles
     path = Path(src).expanduser()
     if path.is_dir():
         run = RunFiles(path)

@@ -60,10 +60,12 @@ from .data import (
     eval_transform,
     safe_posterize,
 )
+from .devices import all_reduce, resolve_device
+from .evaluate import evaluate
 from .fileio import atomic_write_text
 from .pretrained import Source, classifier_names, load_pretrained_weights, read_source
 
-__all__ = ['train', 'TrainingError', 'evaluate']
+__all__ = ['train', 'TrainingError']
 
 
 class TrainingError(RuntimeError):
@@ -84,17 +86,10 @@ class Dist:
 def _setup_distributed(device_name: str) -> Tuple[Dist, torch.device]:
     world = int(os.environ.get('WORLD_SIZE', '1'))
     rank, local_rank = int(os.environ.get('RANK', '0')), int(os.environ.get('LOCAL_RANK', '0'))
-    if device_name == 'auto':
-        device_name = 'cuda' if torch.cuda.is_available() else 'cpu'
-    if device_name.startswith('cuda'):
-        if not torch.cuda.is_available():
-            raise TrainingError('--device cuda: no CUDA device is available; use --device cpu')
-        device = torch.device('cuda', local_rank if world > 1 else torch.device(device_name).index or 0)
+    device = resolve_device(device_name)
+    if device.type == 'cuda':
+        device = torch.device('cuda', local_rank if world > 1 else device.index or 0)  # one GPU per process
         torch.cuda.set_device(device)
-    elif device_name == 'cpu':
-        device = torch.device('cpu')
-    else:
-        raise TrainingError(f"--device {device_name}: expected 'auto', 'cpu' or 'cuda[:N]'")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return Dist(rank, world, local_rank), device
@@ -106,12 +101,6 @@ def _seed_everything(*parts: int) -> None:
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)
-
-
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
-    return t
 
 
 def _check_model_name(name: str) -> None:
@@ -211,39 +200,6 @@ def _attn_cos_reg(maps: List[torch.Tensor], pairs: int) -> torch.Tensor:
     """Mean cosine similarity over the head axis between consecutive handed-on maps (first n pairs)."""
     n = min(pairs, len(maps) - 1)
     return sum(F.cosine_similarity(maps[i].float(), maps[i + 1].float(), dim=1).mean() for i in range(n)) / n
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, amp: str = 'none',
-             skips: Optional[SkipLog] = None, progress: bool = False) -> Dict[str, Any]:
-    """Loss, top-1/top-5 (percent), per-class accuracy and the confusion matrix; summed over ranks."""
-    model.eval()
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
-    top5 = torch.zeros((), dtype=torch.long)
-    loss_sum = torch.zeros((), dtype=torch.float64)
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp == 'bf16' else nullcontext()
-    for images, targets, skipped in tqdm(loader, desc='eval', leave=False, disable=not progress):
-        if skips is not None:
-            skips.add(skipped)
-        if images is None:
-            continue
-        images, targets = images.to(device), targets.to(device)
-        with ctx:
-            logits = model(images).float()
-        loss_sum += F.cross_entropy(logits, targets, reduction='sum').double().cpu()
-        pred = logits.argmax(-1)
-        confusion += torch.bincount(targets.cpu() * num_classes + pred.cpu(), minlength=num_classes ** 2).view(
-            num_classes, num_classes)
-        k = min(5, num_classes)
-        top5 += (logits.topk(k, dim=-1).indices == targets[:, None]).any(-1).sum().cpu()
-    for t in (confusion, top5, loss_sum):
-        _all_reduce(t)
-    n = int(confusion.sum())
-    if n == 0:
-        raise TrainingError('no evaluation image could be read')
-    per_class = (confusion.diag().double() / confusion.sum(1).clamp_min(1).double() * 100).tolist()
-    return {'top1': float(confusion.diag().sum()) / n * 100, 'top5': float(top5) / n * 100,
-            'loss': float(loss_sum) / n, 'n': n, 'per_class': per_class, 'confusion': confusion.tolist()}
 
 
 def _write_metrics(files: RunFiles, history: List[Dict[str, Any]]) -> None:
@@ -458,7 +414,7 @@ class _Trainer:
         value = loss.item()  # the step's one synchronisation: the progress bar and the NaN check share it
         bad = not math.isfinite(value)
         if self.ddp.world_size > 1:  # every rank stops together
-            bad = bool(_all_reduce(torch.tensor([float(bad)], device=self.device)).item())
+            bad = bool(all_reduce(torch.tensor([float(bad)], device=self.device)).item())
         if bad:
             raise TrainingError(
                 f'the loss became {value} at step {self.global_step} (epoch {self.epoch + 1}); the run '
@@ -522,7 +478,7 @@ class _Trainer:
                 if cfg.checkpoint_every and self.global_step % cfg.checkpoint_every == 0:
                     self._save()
             train_time = time.time() - t0
-            sums = _all_reduce(torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=self.device)).cpu()
+            sums = all_reduce(torch.tensor([loss_sum, float(seen)], dtype=torch.float64, device=self.device)).cpu()
             record = {'epoch': self.epoch + 1, 'train_loss': float(sums[0] / max(sums[1], 1)),
                       'lr': self.optimizer.param_groups[0]['lr'],
                       'images_per_s': float(sums[1]) / max(train_time, 1e-9), 'train_time_s': train_time}

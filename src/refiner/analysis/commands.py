@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import eval_transform
+from ..devices import resolve_device
 from ..pretrained import resolve_data_config
 from .attention_maps import AttentionDiversity, attention_blocks, attention_maps
 from .cka import MinibatchCKA, curve_at, normalised_curve
@@ -64,18 +65,6 @@ class LoadedModel:
     data_config: Dict[str, Any]  # input_size (C, H, W), mean, std, crop_pct, interpolation
     source: str
     extra: Dict[str, Any] = field(default_factory=dict)
-
-
-def _device(name: str) -> torch.device:
-    if name == 'auto':
-        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise AnalysisError(f"--device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}") from None
-    if dev.type == 'cuda' and not torch.cuda.is_available():
-        raise AnalysisError('--device cuda was asked for but no CUDA device is available')
-    return dev
 
 
 def parse_model_args(text: Optional[str]) -> Dict[str, Any]:
@@ -294,7 +283,7 @@ def run_cka(args: argparse.Namespace) -> int:
     from .plots import plot_cka_curves, plot_cka_heatmap
 
     _check_counts(args.max_images, args.batch_size, 4)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     models = _load_all(args, device)
     base, description = _split(args.data)
     batches = _batches(_subset_indices(len(base), args.max_images), args.batch_size)
@@ -406,7 +395,7 @@ def run_attention(args: argparse.Namespace) -> int:
     from .plots import plot_attention_diversity
 
     _check_counts(args.max_images, args.batch_size, 1)
-    device = _device(args.device)
+    device = resolve_device(args.device)
     models = _load_all(args, device)
     for m in models:
         attention_blocks(m.model)  # fail before any work for a model without attention blocks
@@ -496,7 +485,7 @@ def run_show_attention(args: argparse.Namespace) -> int:
     except Exception as e:  # missing, truncated or not an image
         raise DataError(f'cannot read image {args.image}: {str(e).splitlines()[0] if str(e) else type(e).__name__}'
                         ) from None
-    device = _device(args.device)
+    device = resolve_device(args.device)
     lm = load_analysis_model(args.model, args.checkpoint, args.img_size, parse_model_args(args.model_args),
                              bool(args.pretrained), device)
     mods = attention_blocks(lm.model)

@@ -18,7 +18,7 @@ LN(x, 4ε), so blocks here use ε = 4e-6 and the factor 2 lives in the converted
 (see :mod:`refiner.convert`). The MLP branch carries a per-channel layer scale (init 1e-5).
 """
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -514,11 +514,38 @@ class RefinerViT(nn.Module):
         return reparameterize_model(self, inplace=True)
 
 
+# original module names inside a refining block's attention -> ours
+_OFFICIAL_RENAMES = (
+    ('.attn.DLA.conv_exp.', '.attn.refine.expand.'),
+    ('.attn.DLA.bn1.', '.attn.refine.expand_norm.'),
+    ('.attn.DLA.depth_sep_conv.', '.attn.refine.local.'),
+    ('.attn.DLA.bn2.', '.attn.refine.local_norm.'),
+    ('.attn.DLA.conv_pro.', '.attn.refine.reduce.'),
+    ('.attn.DLA.bn3.', '.attn.refine.reduce_norm.'),
+    ('.attn.adapt_bn.', '.attn.refine_norm.'),
+    ('.mlp.scale_channel', '.ls2.gamma'),
+)
+def is_official_state_dict(state_dict: Mapping[str, Any]) -> bool:
+    """True for the authors' key layout (their refinement lives in ``attn.DLA``)."""
+    return any('.attn.DLA.' in k or k.endswith('.mlp.scale_channel') for k in state_dict)
+
+
+def official_to_refiner(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Rename the original's keys to this project's and fold its factor 2 on the residual branches."""
+    out: Dict[str, torch.Tensor] = {}
+    for k, v in state_dict.items():
+        for old, new in _OFFICIAL_RENAMES:
+            k = k.replace(old, new)
+        if k.startswith('blocks.') and (k.endswith('.attn.proj.weight') or k.endswith('.attn.proj.bias')
+                                        or k.endswith('.ls2.gamma')):
+            v = v * 2  # x + 2·f(...) in the original
+        out[k] = v
+    return out
+
+
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RefinerViT) -> Dict[str, torch.Tensor]:
     """Accept this project's weights and the authors' original checkpoints; resample position
     embeddings to the model's grid."""
-    from ..convert import is_official_state_dict, official_to_refiner
-
     state_dict = state_dict.get('model', state_dict)
     state_dict = state_dict.get('state_dict', state_dict)
     if is_official_state_dict(state_dict):
