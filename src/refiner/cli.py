@@ -52,9 +52,9 @@ _TRAIN_FLAGS = {  # flag -> config key
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--config', default=None,
-                   help="a shipped recipe (default, refiner_s, refiner_m, refiner_s_tl, refiner_m_tl, "
-                        "refiner_l_tl) or a YAML file; default: 'default' on the embedded digits, the DeiT-style "
-                        "defaults with --data")
+                   help="a shipped recipe (default, finetune, refiner_s, refiner_m, refiner_s_tl, refiner_m_tl, "
+                        "refiner_l_tl, refiner_s_384, refiner_m_384, refiner_l_384) or a YAML file; default: "
+                        "'default' on the embedded digits, the DeiT-style defaults with --data")
     p.add_argument('--model', help='any timm model name (refiner_vit_*, vit_*, deit_*, resnet*, ...)')
     p.add_argument('--data', help='a folder with train/ and val/ class subfolders, or a timm dataset spec '
                                   '(default: the embedded digits)')
