@@ -37,28 +37,69 @@ def test_bench_tiny_configuration(tmp_path):
     assert rows[('refiner_vit_nano', 'infer')]['fused_max_rel_diff'] <= 1e-5  # fused == unfused
 
 
-def _random_bn(model):
+def _trained_scale(model):
+    """Weights of trained size: BatchNorm statistics and affines, layer scales near 1 (not the 1e-5
+    init, under which removing every MLP moves the logits by 1.5e-5 relative) and non-zero biases,
+    so that a bug in any branch of the exported model shows in its outputs."""
+    torch.manual_seed(0)
     for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-.1, .1)
             m.running_var.uniform_(.5, 1.5)
-    return model
+            m.weight.data.uniform_(.5, 1.5)
+            m.bias.data.uniform_(-.2, .2)
+        elif isinstance(m, timm.layers.LayerScale):
+            m.gamma.data.uniform_(.5, 1.5)
+        elif isinstance(m, torch.nn.Linear) and m.bias is not None:
+            m.bias.data.normal_(0, .02)
+    return model.eval()
+
+
+def _reference_outputs(model, batches=(1, 3)):
+    """The un-fused eval model's logits on fixed inputs, and how far they move without the MLPs."""
+    import copy
+    xs = [torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(b)) for b in batches]
+    no_mlp = copy.deepcopy(model)
+    for blk in no_mlp.blocks:
+        blk.mlp.fc2.weight.data.zero_()
+        blk.mlp.fc2.bias.data.zero_()
+    with torch.no_grad():
+        ref = [model(x) for x in xs]
+        sensitivity = min(_rel(n, r) for n, r in zip([no_mlp(x) for x in xs], ref))
+    assert sensitivity > 1e-2, sensitivity  # an export that lost its MLPs would be far outside the tolerance
+    return xs, ref
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
 
 
 @pytest.mark.parametrize('fuse', [True, False])
 def test_onnx_round_trip_dynamic_batch(tmp_path, fuse):
-    model = prepare(_random_bn(timm.create_model('refiner_vit_nano', num_classes=7)), fuse=fuse)
+    import onnxruntime as ort
+    original = _trained_scale(timm.create_model('refiner_vit_nano', num_classes=7))
+    xs, ref = _reference_outputs(original)
+    model = prepare(original, fuse=fuse)
     path = export_onnx(model, str(tmp_path / 'm.onnx'), img_size=32, opset=18)
     errs = check_onnx(str(path), model, 32, batches=(1, 3, 5))
     assert max(errs.values()) <= 1e-4, errs
+    sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])  # against the un-fused model too
+    for x, r in zip(xs, ref):
+        out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
+        assert _rel(out, r) <= 1e-4
     import onnx
     assert onnx.load(str(path)).opset_import[0].version >= 17
 
 
 def test_torchscript_round_trip(tmp_path):
-    model = prepare(_random_bn(timm.create_model('refiner_vit_nano', num_classes=7)))
+    original = _trained_scale(timm.create_model('refiner_vit_nano', num_classes=7))
+    xs, ref = _reference_outputs(original)
+    model = prepare(original)
     path = export_torchscript(model, str(tmp_path / 'm.pt'))
     assert max(check_torchscript(str(path), model, 32).values()) <= 1e-5
+    loaded = torch.jit.load(str(path))
+    with torch.no_grad():
+        assert max(_rel(loaded(x), r) for x, r in zip(xs, ref)) <= 1e-5
 
 
 def test_export_cli_from_an_original_checkpoint(tmp_path):

@@ -82,6 +82,22 @@ def test_convert_cli(official, tmp_path):
                          capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert dst.is_file() and 'timm.create_model' in res.stdout
+    # the written file itself, loaded strictly without any conversion, reproduces the original's logits
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from refiner.convert import is_official_state_dict
+    with safe_open(str(dst), 'pt') as f:
+        meta = f.metadata()
+    state = load_file(str(dst))
+    assert not is_official_state_dict(state)  # this project's layout, not the original's
+    model = timm.create_model(meta['model_name'], **json.loads(meta['model_args'])).eval()
+    model.load_state_dict(state, strict=True)
+    fx = official['official_tiny']
+    with torch.no_grad():
+        assert rel_err(model(fx['input']), fx['logits']) <= 1e-5
     bad = subprocess.run([sys.executable, '-m', 'refiner', 'convert', str(tmp_path / 'missing.pth'), str(dst)],
                          capture_output=True, text=True)
     assert bad.returncode == 1 and 'no such checkpoint file' in bad.stderr and 'Traceback' not in bad.stderr
