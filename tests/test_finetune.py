@@ -122,11 +122,12 @@ def test_deit_plus_refiner_starts_as_its_source_and_reloads_without_repeating_re
 def test_linear_probe_trains_only_the_classifier(pretrained_run, tmp_path):
     out = tmp_path / 'probe'
     train(_cfg(model=None, finetune=str(pretrained_run), classes=[5, 6, 7, 8, 9], linear_probe=True,
-               lr=0.05), out=str(out), progress=False)
+               lr=0.05, ema=True), out=str(out), progress=False)
     before = read_source(pretrained_run).state_dict
-    after = load_file(str(out / 'model.safetensors'))
-    changed = sorted(k for k in after if not torch.equal(after[k], before[k]))
-    assert changed == ['head.bias', 'head.weight']  # BatchNorm statistics included: all else frozen
+    for weights in ('model.safetensors', 'model_ema.safetensors'):  # the run loaded the source, EMA too
+        after = load_file(str(out / weights))
+        changed = sorted(k for k in after if not torch.equal(after[k], before[k]))
+        assert changed == ['head.bias', 'head.weight'], weights  # BatchNorm statistics included: all else frozen
 
 
 def test_layer_decay_gives_each_block_its_own_learning_rate(pretrained_run, tmp_path):
@@ -137,6 +138,75 @@ def test_layer_decay_gives_each_block_its_own_learning_rate(pretrained_run, tmp_
     scales = sorted({round(g['lr_scale'], 6) for g in state['optimizer']['param_groups']})
     # stem (layer 0), two blocks, final norm + head: 0.5^3, 0.5^2, 0.5, 1
     assert scales == [0.125, 0.25, 0.5, 1.0]
+
+
+def _folder_dataset(root, classes=3, per_class=(8, 3), size=64):
+    """DIR/train/<class>/*.png and DIR/val/<class>/*.png: a dataset with no default input size."""
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    for split, n in zip(('train', 'val'), per_class):
+        for c in range(classes):
+            folder = root / split / f'digit{c}'
+            folder.mkdir(parents=True)
+            of_class = digits.images[digits.target == c]
+            images = of_class[:n] if split == 'train' else of_class[-n:]
+            for i, img in enumerate(images):
+                Image.fromarray((img * 15).astype('uint8')).resize((size, size)).save(folder / f'{i}.png')
+    return root
+
+
+def test_a_finetune_run_resumes_exactly(official, tmp_path, monkeypatch):
+    """Killed before its first checkpoint or after one, a fine-tune resumes to the same weights; the
+    input size and normalisation it took from the source are in config.yaml, not re-derived."""
+    from refiner import train as train_module
+    data = _folder_dataset(tmp_path / 'data')
+    src = tmp_path / 'original.pth'
+    torch.save(official['official_tiny']['state_dict'], src)
+    base = {k: v for k, v in load_recipe('default').items() if k not in ('model', 'model_args', 'img_size', 'mean',
+                                                                         'std', 'crop_pct')}
+    cfg = apply_overrides(base, dict(finetune=str(src), data=str(data), epochs=2, batch_size=4, checkpoint_every=2,
+                                     warmup_epochs=0, ema=True))
+    train(cfg, out=str(tmp_path / 'full'), progress=False)
+    saved = yaml.safe_load((tmp_path / 'full' / 'config.yaml').read_text())
+    assert (saved['img_size'], saved['mean'], saved['crop_pct']) == (64, [0.5, 0.5, 0.5], 0.9)  # the source's
+    original_step = train_module._Trainer._step
+    for crash_at in (1, 3):  # before any checkpoint; after the one at step 2
+        def crash(self, *args, _at=crash_at):
+            if self.global_step == _at:
+                raise KeyboardInterrupt
+            return original_step(self, *args)
+        monkeypatch.setattr(train_module._Trainer, '_step', crash)
+        out = tmp_path / f'crash{crash_at}'
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, out=str(out), progress=False)
+        monkeypatch.setattr(train_module._Trainer, '_step', original_step)
+        train(train_module.TrainConfig(), resume=str(out), progress=False)
+        for weights in ('model.safetensors', 'model_ema.safetensors'):
+            a, b = load_file(str(tmp_path / 'full' / weights)), load_file(str(out / weights))
+            assert all(torch.equal(a[k], b[k]) for k in a), (crash_at, weights)
+        assert [m['epoch'] for m in _metrics(out)] == [0, 1, 2]
+
+
+def test_a_token_labeling_head_follows_the_recipe(official, tmp_path):
+    """An original token-labeling checkpoint fine-tuned without token labeling loses its aux head."""
+    src = tmp_path / 'dense.pth'
+    torch.save(official['official_tiny_dense']['state_dict'], src)
+    summary = train(_cfg(model=None, finetune=str(src), img_size=32, batch_size=16, train_fraction=0.1),
+                    out=str(tmp_path / 'r'), progress=False)
+    model, _ = load_model(tmp_path / 'r')
+    assert model.aux_head is None and summary['epochs'] == 1
+
+
+def test_finetune_drops_the_recipes_model_arguments():
+    """The default recipe's patch_size 4 is for its own model, not for the weights' architecture."""
+    from refiner.cli import _train_config, build_parser
+    cfg = _train_config(build_parser().parse_args(['train', '--model', 'vit_tiny_patch16_224', '--finetune', 'x.pth',
+                                                   '--refine', 'all']))
+    assert (cfg.model, cfg.model_args, cfg.refine) == ('vit_tiny_patch16_224', {}, 'all')
+    cfg = _train_config(build_parser().parse_args(['train', '--finetune', 'x.pth']))
+    assert (cfg.model, cfg.model_args) == (None, {})
+    cfg = _train_config(build_parser().parse_args(['train', '--model', 'vit_tiny_patch16_224']))  # from scratch
+    assert cfg.model_args == {'patch_size': 4}
 
 
 def test_epochs_counts_the_cooldown(tmp_path):
@@ -193,6 +263,10 @@ def test_hub_folder_round_trip_and_finetune_from_it(pretrained_run, vit_run, tmp
         x = torch.randn(2, 3, 16, 16)
         assert torch.equal(loaded(x), model(x))
         assert json.loads((out / 'config.json').read_text())['pretrained_cfg']['mean'] == [0.5, 0.5, 0.5]
+    # at another input size: position embeddings resampled, and the folder says so
+    assert main(['export', str(tmp_path / 'hf32'), '--format', 'hf', '--checkpoint', str(pretrained_run),
+                 '--img-size', '32']) == 0
+    assert timm.create_model(f'local-dir:{tmp_path / "hf32"}', pretrained=True).pos_embed.shape[1] == 65
     # a refined timm ViT as a Hub folder
     refined = timm.create_model('refined_vit', base_model='vit_tiny_patch16_224', refine_blocks=[1], img_size=16,
                                 num_classes=3, **VIT).eval()

@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 
 from .checkpoint import RunFiles
-from .config import TrainConfig, apply_overrides, load_recipe
+from .config import DEFAULT_MODEL, TrainConfig, apply_overrides, load_recipe
 from .data import build_datasets
 from .fileio import atomic_write_text
 from .train import train
@@ -32,7 +32,7 @@ MODELS = ('refiner', 'vit', 'convstem_vit')
 def _arm(name: str, base: TrainConfig) -> Dict[str, Any]:
     """Config overrides for one arm, matched to the base Refiner's shape."""
     import timm
-    ref = timm.create_model(base.model, img_size=base.img_size or 16, **base.model_args)
+    ref = timm.create_model(base.model or DEFAULT_MODEL, img_size=base.img_size or 16, **base.model_args)
     shape = dict(embed_dim=ref.embed_dim, depth=len(ref.blocks), num_heads=ref.blocks[0].attn.num_heads,
                  mlp_ratio=ref.blocks[0].mlp.fc1.out_features / ref.embed_dim)
     patch = ref.patch_embed.patch_size

@@ -91,8 +91,10 @@ def _train_config(args: argparse.Namespace):
     flags = {key: getattr(args, flag) for flag, key in _TRAIN_FLAGS.items()}
     if args.refine is not None and args.refine.isdigit():
         flags['refine'] = int(args.refine)  # the last N blocks
-    if args.finetune and not args.model:  # the architecture comes from the weights, not from the recipe
-        base = {**{k: v for k, v in base.items() if k not in ('model', 'model_args')}, 'model': None}
+    if args.finetune and args.model != base.get('model'):
+        # the weights fix the architecture: the recipe's model and its arguments give way to the
+        # model the weights name, or to --model
+        base = {k: v for k, v in base.items() if k not in ('model', 'model_args')}
     return apply_overrides(base, {**flags, 'linear_probe': args.linear_probe, **parse_set(args.set),
                                   'out': args.out})
 
@@ -148,6 +150,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--checkpoint', required=True, help=SOURCE_HELP)
     p.add_argument('--model', help='the timm model name of a bare weights file')
     p.add_argument('--topk', type=int, default=5)
+    p.add_argument('--ema', action='store_true', help="a run's EMA weights")
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--device', default='auto')
     p.add_argument('--workers', type=int, default=0)
@@ -159,7 +162,7 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
 def _predict(args: argparse.Namespace) -> int:
     from .predict import format_predictions, predict, write_predictions
     res = predict(args.inputs, args.checkpoint, args.topk, args.batch_size, args.device, args.model, args.workers,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, ema=args.ema)
     print(format_predictions(res))
     write_predictions(res, args.json, args.csv)
     for path in (args.json, args.csv):
@@ -270,6 +273,9 @@ def _export(args: argparse.Namespace) -> int:
     if args.format == 'hf':  # the weights as trained: a folder to fine-tune or re-parameterize later
         path = export_hf(model.eval(), args.out, info)
         errs, tol, what = check_hf(path, model, size), 1e-5, "timm.create_model('local-dir:...')"
+        if max(errs.values()) > tol:
+            import shutil
+            shutil.rmtree(path)  # never leave a folder that does not reload as the model
     elif args.format == 'onnx':
         model = prepare(model, fuse=not args.no_fuse)
         path = export_onnx(model, args.out, size, opset=args.opset)
@@ -335,13 +341,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .data import DataError
     from .devices import DeviceError
     from .export import ExportError
+    from .pretrained import ModelError
     from .train import TrainingError
     try:
         return COMMANDS[args.command][1](args) or 0
     except UsageError as e:
         print(f'refiner {args.command}: {e}', file=sys.stderr)
         return 2
-    except (AnalysisError, CheckpointError, ConfigError, DataError, DeviceError, ExportError, TrainingError) as e:
+    except (AnalysisError, CheckpointError, ConfigError, DataError, DeviceError, ExportError, ModelError,
+            TrainingError) as e:
         print(f'refiner {args.command}: {e}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -11,7 +11,9 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-__all__ = ['TrainConfig', 'load_recipe', 'list_recipes', 'apply_overrides', 'ConfigError']
+__all__ = ['TrainConfig', 'load_recipe', 'list_recipes', 'apply_overrides', 'ConfigError', 'DEFAULT_MODEL']
+
+DEFAULT_MODEL = 'refiner_vit_s'  # what a run trains when neither the config nor finetune weights name a model
 
 
 class ConfigError(ValueError):
@@ -38,7 +40,7 @@ class TrainConfig:
     reprob: float = 0.25  # random erasing
     remode: str = 'pixel'
     # model
-    model: Optional[str] = 'refiner_vit_s'  # None with finetune: the architecture the source names
+    model: Optional[str] = None  # None: the architecture finetune's source names, else DEFAULT_MODEL
     model_args: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model keyword arguments
     finetune: Optional[str] = None  # start from these weights (see refiner.pretrained for the sources)
     refine: Optional[Any] = None  # refine_vit a timm ViT first: 'all', the last n blocks, or a list of blocks
@@ -111,8 +113,9 @@ class TrainConfig:
             raise ConfigError(f'layer_decay must be in (0, 1], got {self.layer_decay}')
         if self.linear_probe and self.layer_decay is not None:
             raise ConfigError('linear_probe trains only the classifier: layer_decay does not apply')
-        if self.model is None and self.finetune is None:
-            raise ConfigError('model is not set: name a timm model, or give finetune weights that name theirs')
+        if self.linear_probe and self.refine is not None:
+            raise ConfigError('linear_probe freezes everything but the classifier: a new refinement would stay the '
+                              'identity; drop refine or linear_probe')
 
 
 def _recipe_dir():

@@ -323,9 +323,10 @@ def _image_folder(root: Path, fraction: float, fraction_seed: int, classes: Opti
         found = sorted(p.name for p in root.iterdir() if p.is_dir())[:6]
         raise DataError(f'--data {root}: expected train/ and val/ subfolders with one folder per class '
                         f'(found {found or "no folders"})')
-    train = FolderDataset(train_dir)
     if classes is not None:
-        train = FolderDataset(train_dir, _check_classes(classes, train.classes, train_dir))
+        found = sorted(d.name for d in train_dir.iterdir() if d.is_dir() and not d.name.startswith('.'))
+        classes = _check_classes(classes, found, train_dir)
+    train = FolderDataset(train_dir, classes)
     if not train.classes:
         raise DataError(f'{train_dir}: no class folders (expected {train_dir}/<class>/<image>)')
     if len(train) == 0:

@@ -72,7 +72,10 @@ def evaluate_checkpoint(checkpoint: str, data: Optional[str] = None, split: str 
         if data is None and run_cfg == {} and info['classes'] is None:
             raise DataError(f'{checkpoint} does not say which dataset it was trained on: give --data DIR')
     fraction = 1.0  # evaluation always uses the whole split
-    datasets = build_datasets(data, fraction, classes=run_cfg.get('classes') if data == run_cfg.get('data') else None)
+    # the classes the model was trained on, where its dataset is the one evaluated
+    same_data = data == run_cfg.get('data') if run_cfg else data in (None, 'digits')
+    trained_on = (run_cfg.get('classes') or info['classes']) if same_data else None
+    datasets = build_datasets(data, fraction, classes=trained_on)
     num_classes = getattr(model, 'num_classes', None)
     classes = datasets.classes
     if num_classes is not None and num_classes != len(classes):

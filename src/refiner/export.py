@@ -83,17 +83,15 @@ def load_for_export(model_name: Optional[str], checkpoint: Optional[str], img_si
                     model_args: Optional[dict] = None) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """The model to export and its info (``data_config``, ``classes``, ``model_name``, ``model_args``):
     from a checkpoint (any source :func:`refiner.pretrained.load_model` reads) or by name (random weights)."""
-    from .pretrained import load_model, resolve_data_config
+    from .pretrained import create_model, load_model, resolve_data_config
     if checkpoint:
         return load_model(checkpoint, model_name=model_name, img_size=img_size)
     if not model_name:
         raise ExportError('give --model NAME or --checkpoint PATH')
-    if not timm.is_model(model_name):
-        raise ExportError(f'--model {model_name}: not a timm model name')
     kwargs = dict(model_args or {})
     if img_size:
         kwargs['img_size'] = img_size
-    model = timm.create_model(model_name, **kwargs).eval()
+    model = create_model(model_name, **kwargs).eval()
     info = {'source': f'{model_name} (random weights)', 'model_name': model_name, 'model_args': kwargs,
             'data_config': resolve_data_config(model), 'classes': None}
     return model, info
@@ -110,12 +108,13 @@ def export_hf(model: torch.nn.Module, out_dir: str, info: Dict[str, Any]) -> Pat
 
     from timm.models import save_for_hf
 
+    from .pretrained import DATA_CONFIG_KEYS
+
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f'{out} already exists and is not an empty folder; choose another OUT_DIR')
-    dc = info['data_config']
-    data_config = {'input_size': tuple(dc['input_size']), 'mean': tuple(dc['mean']), 'std': tuple(dc['std']),
-                   'crop_pct': dc['crop_pct'], 'interpolation': dc['interpolation']}
+    data_config = {k: tuple(v) if isinstance(v, list) else v for k, v in info['data_config'].items()
+                   if k in DATA_CONFIG_KEYS}
     model_config: Dict[str, Any] = {}
     if info.get('classes'):
         model_config['label_names'] = list(info['classes'])

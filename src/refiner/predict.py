@@ -8,6 +8,7 @@ A file that cannot be read as an image is skipped and counted, never fatal.
 import csv
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -26,10 +27,16 @@ __all__ = ['find_images', 'predict', 'class_names', 'write_predictions']
 def find_images(inputs: Sequence[str]) -> List[str]:
     """Image files among ``inputs``, folders searched recursively (sorted, hidden files skipped)."""
     found: List[str] = []
+    seen = set()  # real folders walked, so that a symlink loop ends
     for item in inputs:
         path = Path(item).expanduser()
         if path.is_dir():
             for dirpath, dirnames, files in os.walk(path, followlinks=True):
+                real = os.path.realpath(dirpath)
+                if real in seen:
+                    dirnames[:] = []
+                    continue
+                seen.add(real)
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
                 found += [os.path.join(dirpath, f) for f in sorted(files)
                           if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith('.')]
@@ -43,8 +50,10 @@ def find_images(inputs: Sequence[str]) -> List[str]:
 
 
 def class_names(num_classes: int, classes: Optional[Sequence[str]]) -> List[str]:
-    """The source's class names; ImageNet-1k's for 1000 classes; else the indices."""
-    if classes and len(classes) == num_classes:
+    """The source's class names; ImageNet-1k's for 1000 classes (also in place of WordNet ids,
+    as timm's Hub configs give them); else the indices."""
+    synsets = bool(classes) and all(re.fullmatch(r'n\d{8}', str(c)) for c in classes)
+    if classes and len(classes) == num_classes and not (synsets and num_classes == 1000):
         return [str(c) for c in classes]
     if num_classes == 1000:
         from timm.data import ImageNetInfo
@@ -76,7 +85,8 @@ def _collate(batch):
 
 @torch.no_grad()
 def predict(inputs: Sequence[str], checkpoint: str, topk: int = 5, batch_size: int = 32, device: str = 'auto',
-            model_name: Optional[str] = None, workers: int = 0, progress: bool = True) -> Dict[str, Any]:
+            model_name: Optional[str] = None, workers: int = 0, progress: bool = True, ema: bool = False
+            ) -> Dict[str, Any]:
     """Top-k classes for every readable image under ``inputs``.
 
     Returns ``predictions`` (one dict per image: file, top-k labels, indices and probabilities),
@@ -85,7 +95,7 @@ def predict(inputs: Sequence[str], checkpoint: str, topk: int = 5, batch_size: i
     if topk < 1:
         raise DataError(f'--topk must be at least 1, got {topk}')
     dev = resolve_device(device)
-    model, info = load_model(checkpoint, model_name=model_name, device=dev)
+    model, info = load_model(checkpoint, model_name=model_name, ema=ema, device=dev)
     num_classes = getattr(model, 'num_classes', 0)
     if not num_classes:
         raise DataError(f'{checkpoint} has no classifier head (num_classes 0): nothing to predict')

@@ -13,6 +13,7 @@ timm and DeiT do it: classifier heads of another class count are re-initialised,
 embeddings are resampled, a refinement the source lacks starts as the identity. Either refuses a
 source that does not fit with one sentence naming the first tensor that differs.
 """
+import difflib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,12 @@ from .convert import (
     variant_name,
 )
 
-__all__ = ['Source', 'read_source', 'load_model', 'load_pretrained_weights', 'resolve_data_config',
-           'classifier_names']
+__all__ = ['Source', 'ModelError', 'read_source', 'create_model', 'load_model', 'load_pretrained_weights',
+           'resolve_data_config', 'classifier_names']
+
+
+class ModelError(ValueError):
+    """A model name timm does not know, or arguments the model rejects."""
 
 # keys of a model's input size and normalisation, as timm's data configs name them
 DATA_CONFIG_KEYS = ('input_size', 'mean', 'std', 'crop_pct', 'interpolation')
@@ -104,7 +109,7 @@ def _from_hub_folder(path: Path) -> Source:
     dc = {k: pretrained_cfg[k] for k in DATA_CONFIG_KEYS if pretrained_cfg.get(k) is not None}
     labels = cfg.get('label_names', pretrained_cfg.get('label_names'))
     classes = [str(c) for c in labels] if isinstance(labels, (list, tuple)) else None
-    return Source(str(path), 'hub', read_checkpoint(weights), name, args, dc if len(dc) == 5 else None, classes)
+    return Source(str(path), 'hub', read_checkpoint(weights), name, args, dc or None, classes)
 
 
 def read_source(src: Union[str, Path], ema: bool = False) -> Source:
@@ -171,13 +176,23 @@ def resolve_data_config(model: nn.Module, stored: Optional[Dict[str, Any]] = Non
             'interpolation': dc.get('interpolation') or 'bicubic'}
 
 
-def _create(name: str, args: Dict[str, Any], where: str) -> nn.Module:
+def create_model(name: str, img_size: Optional[int] = None, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, img_size=img_size, **kwargs)`` with one sentence for a name timm
+    does not know or arguments the model rejects; ``img_size`` is dropped for models without one (CNNs)."""
     if not timm.is_model(name):
-        raise CheckpointError(f'{where}: {name!r} is not a timm model name (import the package that registers it)')
+        close = difflib.get_close_matches(name, timm.list_models(), n=3)
+        hint = f' (did you mean {", ".join(close)}?)' if close else ''
+        raise ModelError(f'{name}: not a timm model name{hint}')
     try:
-        return timm.create_model(name, **args)
+        if img_size is not None:
+            try:
+                return timm.create_model(name, img_size=img_size, **kwargs)
+            except TypeError as e:
+                if 'img_size' not in str(e):
+                    raise
+        return timm.create_model(name, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
-        raise CheckpointError(f'{where}: cannot create {name} with {args}: {str(e).splitlines()[0]}') from None
+        raise ModelError(f'cannot create {name} with {kwargs}: {str(e).splitlines()[0]}') from None
 
 
 def load_model(src: Union[str, Path, Source], model_name: Optional[str] = None, ema: bool = False,
@@ -201,14 +216,16 @@ def load_model(src: Union[str, Path, Source], model_name: Optional[str] = None, 
         raise CheckpointError(f'{source.path} holds bare weights that do not name their model: give --model NAME')
     if model_name is not None and source.model_name is not None and model_name != source.model_name:
         raise CheckpointError(f'{source.path} holds a {source.model_name}, not a {model_name}: drop --model')
-    model = _create(name, source.model_args, source.path)
+    model = create_model(name, **source.model_args)
     check_state_dict(model, source.state_dict, f'{source.path}', f'{name}')
     model.load_state_dict(source.state_dict)
+    args = dict(source.model_args)
     if img_size is not None and _native_size(model) not in (None, (img_size, img_size)):
         if not hasattr(model, 'set_input_size'):
             raise CheckpointError(f'{name} cannot change its input size to {img_size}')
         model.set_input_size(img_size)  # resample the position embeddings
-    info = {'source': source.description, 'model_name': name, 'model_args': dict(source.model_args),
+        args['img_size'] = img_size  # what rebuilds it (an export) at this size
+    info = {'source': source.description, 'model_name': name, 'model_args': args,
             'data_config': resolve_data_config(model, source.data_config, img_size), 'classes': source.classes,
             'config': source.run_config}
     return model.to(device).eval(), info

@@ -21,7 +21,7 @@ model.safetensors and model_ema.safetensors (final weights), summary.json (when 
 Only rank 0 writes.
 """
 import dataclasses
-import difflib
+import inspect
 import json
 import math
 import os
@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 import yaml
-from timm.data import Mixup, create_transform, resolve_model_data_config
+from timm.data import Mixup, create_transform
 from timm.data.mixup import mixup_target
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -49,7 +49,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import RunFiles, load_state, save_state, save_weights
-from .config import TrainConfig
+from .config import DEFAULT_MODEL, TrainConfig
 from .data import (
     DataError,
     EpochSampler,
@@ -63,7 +63,14 @@ from .data import (
 from .devices import all_reduce, resolve_device
 from .evaluate import evaluate
 from .fileio import atomic_write_text
-from .pretrained import Source, classifier_names, load_pretrained_weights, read_source
+from .pretrained import (
+    Source,
+    classifier_names,
+    create_model,
+    load_pretrained_weights,
+    read_source,
+    resolve_data_config,
+)
 
 __all__ = ['train', 'TrainingError']
 
@@ -103,20 +110,16 @@ def _seed_everything(*parts: int) -> None:
     torch.manual_seed(s)
 
 
-def _check_model_name(name: str) -> None:
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=3)
-        hint = f' (did you mean {", ".join(close)}?)' if close else ''
-        raise TrainingError(f'--model {name}: not a timm model name{hint}')
-
-
-_TASK_ARGS = ('num_classes', 'img_size', 'drop_path_rate', 'drop_rate', 'pretrained_cfg')  # set by the new run
+# set by the new run, not taken from a source: its classes, input size, regularisation, token-labeling head
+_TASK_ARGS = ('num_classes', 'img_size', 'drop_path_rate', 'drop_rate', 'pretrained_cfg', 'aux_head')
 
 
 def _resolve_model(cfg: TrainConfig, source: Optional[Source]) -> TrainConfig:
     """The model a run builds, as config.yaml records it: the source's architecture where it names
     one (and ``cfg.model`` is unset or the same), then ``refine`` as the ``refined_vit`` wrapper."""
     name, args = cfg.model, dict(cfg.model_args)
+    if name is None and source is None:
+        name = DEFAULT_MODEL
     if source is not None:
         if name is None:
             if source.model_name is None:
@@ -125,7 +128,8 @@ def _resolve_model(cfg: TrainConfig, source: Optional[Source]) -> TrainConfig:
             name = source.model_name
         if name == source.model_name:
             args = {**{k: v for k, v in source.model_args.items() if k not in _TASK_ARGS}, **args}
-    _check_model_name(name)
+    if not timm.is_model(name):
+        create_model(name)  # the one sentence, with close names
     if cfg.refine is not None:
         if name == 'refined_vit':
             raise TrainingError(f'--refine: the model is already refined (blocks {args.get("refine_blocks")})')
@@ -149,16 +153,9 @@ def _create_model(cfg: TrainConfig, num_classes: int, img_size: int) -> Tuple[nn
         if not cfg.model.startswith('refiner_vit'):
             raise TrainingError('token_labeling needs a Refiner-ViT model (it adds the per-token head)')
         args['aux_head'] = True
-    try:
-        try:
-            model = timm.create_model(cfg.model, img_size=img_size, **args)
-            args['img_size'] = img_size
-        except TypeError as e:  # models without an img_size argument (CNNs)
-            if 'img_size' not in str(e):
-                raise
-            model = timm.create_model(cfg.model, **args)
-    except (TypeError, ValueError) as e:
-        raise TrainingError(f'cannot create {cfg.model} with {args}: {str(e).splitlines()[0]}') from None
+    model = create_model(cfg.model, img_size=img_size, **args)
+    if 'img_size' in inspect.signature(type(model).__init__).parameters:
+        args['img_size'] = img_size
     if hasattr(model, 'refined_blocks'):
         args['refine_blocks'] = list(model.refined_blocks)  # 'all' or 'the last n' as block indices
     return model, args
@@ -218,18 +215,19 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str] = N
         try:
             saved = yaml.safe_load(files.config.read_text())
             keep = {'device': cfg.device, 'workers': cfg.workers}  # settings that do not change results
+            if 'linear_probe' not in saved:  # written before epochs counted the cooldown epochs
+                saved['epochs'] = saved.get('epochs', 300) + saved.get('cooldown_epochs', 0)
             cfg = TrainConfig(**{**saved, **keep})
         except Exception as e:
             raise TrainingError(f'--resume {resume}: config.yaml is not a refiner training config ({e})') from None
     cfg.validate()
-    source = None
+    resuming = resume is not None and files.state.is_file()
+    source = read_source(cfg.finetune) if cfg.finetune and not resuming else None  # a state holds the weights
     if resume is None:
-        source = read_source(cfg.finetune) if cfg.finetune else None
         cfg = _resolve_model(cfg, source)
         out = out or cfg.out or f'runs/{cfg.model}-{time.strftime("%Y%m%d-%H%M%S")}'
         files = RunFiles(out)
     ddp, device = _setup_distributed(cfg.device)
-    resuming = resume is not None and files.state.is_file()
     if resume is not None and not resuming and ddp.main:
         print(f'{resume}: no checkpoint was written yet; starting the run from the beginning', flush=True)
     try:
@@ -250,7 +248,6 @@ class _Trainer:
             if (files.state.is_file() or files.summary.is_file()) and files.root.is_dir():
                 raise TrainingError(f'--out {files.root} already holds a run; resume it with --resume {files.root} '
                                     f'or choose another --out')
-        _check_model_name(cfg.model)
         _seed_everything(cfg.seed, -1)
 
         # data
@@ -269,17 +266,19 @@ class _Trainer:
         if cfg.layer_decay is not None and not hasattr(self.model, 'group_matcher'):
             raise TrainingError(f'layer_decay: {cfg.model} has no group_matcher to tell its layers apart')
         self.loaded = None
-        if source is not None and not resuming:  # a resume's state holds the weights
+        if source is not None:
             self.loaded = load_pretrained_weights(self.model, source, cfg.model, self.data.classes)
         if cfg.linear_probe:  # only the classifier heads learn; _step keeps the rest in eval mode
             heads = tuple(f'{h}.' for h in classifier_names(self.model))
             for name, p in self.model.named_parameters():
                 p.requires_grad_(name.startswith(heads))
         self.model.to(device)
-        # normalisation: the recipe's, else what the source was trained with, else the model's own
-        known = (source.data_config if source is not None else None) or resolve_model_data_config(self.model)
+        # normalisation: the recipe's, else what the source was trained with, else the model's own;
+        # config.yaml records the result, so that a resume needs neither the source nor the defaults
+        known = resolve_data_config(self.model, source.data_config if source is not None else None)
         mean, std = tuple(cfg.mean or known['mean']), tuple(cfg.std or known['std'])
-        crop_pct = cfg.crop_pct or known.get('crop_pct') or 0.875
+        crop_pct = cfg.crop_pct or known['crop_pct']
+        self.cfg = cfg = dataclasses.replace(cfg, img_size=img_size, mean=list(mean), std=list(std), crop_pct=crop_pct)
         self.data_config = dict(input_size=[3, img_size, img_size], mean=list(mean), std=list(std), crop_pct=crop_pct,
                                 interpolation=cfg.interpolation)
         train_tf = create_transform(
@@ -452,7 +451,10 @@ class _Trainer:
                                       if self.global_step else '') + f'; run directory {files.root}', flush=True)
             if self.loaded:
                 print(self.loaded, flush=True)
-        if cfg.finetune and not self.history and self.global_step == 0:
+            if cfg.cooldown_epochs >= cfg.epochs:
+                print(f'cooldown: {cfg.epochs - 1} of the recipe\'s {cfg.cooldown_epochs} cooldown epochs fit '
+                      f'in {cfg.epochs} epochs', flush=True)
+        if self.loaded and not self.history:
             self._evaluate_start()
         total_steps = self.total_epochs * self.steps_per_epoch
         bar = tqdm(total=total_steps, initial=self.global_step, unit='step', disable=not self.progress,

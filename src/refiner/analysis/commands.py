@@ -98,11 +98,13 @@ def load_analysis_model(name: Optional[str], checkpoint: Optional[str] = None, i
         raise AnalysisError(f'--img-size must be a positive number of pixels, got {img_size}')
     model_args = dict(model_args or {})
     if checkpoint:
-        from ..pretrained import load_model
+        from ..pretrained import load_model, read_source
         if model_args:
             raise AnalysisError('--model-args only applies to a model created by name; '
                                 'a checkpoint fixes the architecture')
-        model, info = load_model(checkpoint, img_size=img_size)
+        source = read_source(checkpoint)
+        # NAME names a bare weights file's model; for a source that names its own it is only a label
+        model, info = load_model(source, model_name=name if source.model_name is None else None, img_size=img_size)
         dc = info['data_config']
         source = f'checkpoint {checkpoint}'
         label = label or name or str(info.get('model_name') or Path(checkpoint).stem)

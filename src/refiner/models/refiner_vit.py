@@ -33,6 +33,11 @@ from ..layers import BatchNorm2d, DistributedLocalAttention, RefinedAttention
 from ..layers.fused import eager_mode, forget_recipe, gelu_linear, kernels_apply
 from ..layers.memory import MMAP_THRESHOLD_MAX, release_free_heap
 
+try:
+    from timm.models._input import update_model_input_size  # timm's record of a resized model (timm >= 1.0.2x)
+except ImportError:
+    update_model_input_size = None
+
 __all__ = ['RefinerViT', 'RefinerBlock', 'ConvStem', 'check_image_input']
 
 
@@ -350,6 +355,8 @@ class RefinerViT(nn.Module):
             pos = resample_abs_pos_embed(self.pos_embed, list(new_grid), list(self.grid_size), num_prefix_tokens=1)
         self.pos_embed = nn.Parameter(pos)
         self.grid_size = new_grid
+        if update_model_input_size is not None:  # what timm's save_for_hf records to rebuild the model
+            update_model_input_size(self, img_size)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         # x: (B, h, w, C) token grid -> (B, 1 + h·w, C) with class token and position embeddings
