@@ -7,6 +7,7 @@ import onnxruntime  # noqa: F401  (the export extra must be installed)
 import pytest
 import timm
 import torch
+from conftest import trained_scale
 
 import refiner
 from refiner.export import check_onnx, check_torchscript, export_onnx, export_torchscript, prepare
@@ -37,24 +38,6 @@ def test_bench_tiny_configuration(tmp_path):
     assert rows[('refiner_vit_nano', 'infer')]['fused_max_rel_diff'] <= 1e-5  # fused == unfused
 
 
-def _trained_scale(model):
-    """Weights of trained size: BatchNorm statistics and affines, layer scales near 1 (not the 1e-5
-    init, under which removing every MLP moves the logits by 1.5e-5 relative) and non-zero biases,
-    so that a bug in any branch of the exported model shows in its outputs."""
-    torch.manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-.1, .1)
-            m.running_var.uniform_(.5, 1.5)
-            m.weight.data.uniform_(.5, 1.5)
-            m.bias.data.uniform_(-.2, .2)
-        elif isinstance(m, timm.layers.LayerScale):
-            m.gamma.data.uniform_(.5, 1.5)
-        elif isinstance(m, torch.nn.Linear) and m.bias is not None:
-            m.bias.data.normal_(0, .02)
-    return model.eval()
-
-
 def _reference_outputs(model, batches=(1, 3)):
     """The un-fused eval model's logits on fixed inputs, and how far they move without the MLPs."""
     import copy
@@ -77,7 +60,7 @@ def _rel(a, b):
 @pytest.mark.parametrize('fuse', [True, False])
 def test_onnx_round_trip_dynamic_batch(tmp_path, fuse):
     import onnxruntime as ort
-    original = _trained_scale(timm.create_model('refiner_vit_nano', num_classes=7))
+    original = trained_scale(timm.create_model('refiner_vit_nano', num_classes=7))
     xs, ref = _reference_outputs(original)
     model = prepare(original, fuse=fuse)
     path = export_onnx(model, str(tmp_path / 'm.onnx'), img_size=32, opset=18)
@@ -92,7 +75,7 @@ def test_onnx_round_trip_dynamic_batch(tmp_path, fuse):
 
 
 def test_torchscript_round_trip(tmp_path):
-    original = _trained_scale(timm.create_model('refiner_vit_nano', num_classes=7))
+    original = trained_scale(timm.create_model('refiner_vit_nano', num_classes=7))
     xs, ref = _reference_outputs(original)
     model = prepare(original)
     path = export_torchscript(model, str(tmp_path / 'm.pt'))

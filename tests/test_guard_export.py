@@ -4,6 +4,7 @@ import copy
 
 import timm
 import torch
+from conftest import trained_scale
 
 import refiner  # noqa: F401  (registers the models)
 from refiner.checkpoint import save_weights
@@ -16,17 +17,7 @@ def test_export_cli_torchscript_from_a_checkpoint(tmp_path, capsys):
     folding or scripting bug in any branch, the MLP included, shows)."""
     torch.manual_seed(0)
     args = dict(img_size=16, embed_dim=32, depth=4, num_heads=2, num_classes=5)
-    model = timm.create_model('refiner_vit_nano', **args).eval()
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-.1, .1)
-            m.running_var.uniform_(.5, 1.5)
-            m.weight.data.uniform_(.5, 1.5)
-            m.bias.data.uniform_(-.2, .2)
-        elif isinstance(m, timm.layers.LayerScale):
-            m.gamma.data.uniform_(.5, 1.5)
-        elif isinstance(m, torch.nn.Linear):
-            m.bias.data.normal_(0, .02)
+    model = trained_scale(timm.create_model('refiner_vit_nano', **args))
     dc = dict(input_size=[3, 16, 16], mean=[0.5] * 3, std=[0.5] * 3, crop_pct=1.0, interpolation='bilinear')
     ckpt = save_weights(model, tmp_path / 'model.safetensors', 'refiner_vit_nano', args, extra={'data_config': dc})
     out = tmp_path / 'model.pt'

@@ -18,6 +18,16 @@ def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-12))
 
 
+def _compare(loaded, model: torch.nn.Module, img_size: int, batches: Sequence[int], in_chans: int) -> Dict[int, float]:
+    """A re-loaded model against the original on random batches: max |diff| / max |output| per batch size."""
+    errs = {}
+    for b in batches:
+        x = torch.randn(b, in_chans, img_size, img_size)
+        with torch.no_grad():
+            errs[b] = _rel_err(loaded(x), model(x))
+    return errs
+
+
 def prepare(model: torch.nn.Module, fuse: bool = True) -> torch.nn.Module:
     """Eval mode, and re-parameterized (BatchNorms and scales folded) unless ``fuse`` is False."""
     model = model.eval()
@@ -71,12 +81,7 @@ def export_torchscript(model: torch.nn.Module, path: str) -> Path:
 def check_torchscript(path: str, model: torch.nn.Module, img_size: int, batches: Sequence[int] = (1, 3),
                       in_chans: int = 3) -> Dict[int, float]:
     loaded = torch.jit.load(str(path))
-    errs = {}
-    for b in batches:
-        x = torch.randn(b, in_chans, img_size, img_size)
-        with torch.no_grad():
-            errs[b] = _rel_err(loaded(x), model(x))
-    return errs
+    return _compare(loaded, model, img_size, batches, in_chans)
 
 
 def load_for_export(model_name: Optional[str], checkpoint: Optional[str], img_size: Optional[int],
@@ -140,9 +145,4 @@ def check_hf(out_dir: str, model: torch.nn.Module, img_size: int, batches: Seque
              in_chans: int = 3) -> Dict[int, float]:
     """``timm.create_model('local-dir:...')`` against the model, max |diff| / max |output| per batch size."""
     loaded = timm.create_model(f'local-dir:{Path(out_dir).resolve()}', pretrained=True).eval()
-    errs = {}
-    for b in batches:
-        x = torch.randn(b, in_chans, img_size, img_size)
-        with torch.no_grad():
-            errs[b] = _rel_err(loaded(x), model(x))
-    return errs
+    return _compare(loaded, model, img_size, batches, in_chans)
