@@ -36,8 +36,8 @@ from .convert import (
     variant_name,
 )
 
-__all__ = ['Source', 'ModelError', 'read_source', 'create_model', 'load_model', 'load_pretrained_weights',
-           'resolve_data_config', 'classifier_names']
+__all__ = ['Source', 'ModelError', 'read_source', 'check_model_name', 'create_model', 'load_model',
+           'load_pretrained_weights', 'resolve_data_config', 'classifier_names']
 
 
 class ModelError(ValueError):
@@ -176,21 +176,26 @@ def resolve_data_config(model: nn.Module, stored: Optional[Dict[str, Any]] = Non
             'interpolation': dc.get('interpolation') or 'bicubic'}
 
 
-def create_model(name: str, img_size: Optional[int] = None, **kwargs: Any) -> nn.Module:
-    """``timm.create_model(name, img_size=img_size, **kwargs)`` with one sentence for a name timm
-    does not know or arguments the model rejects; ``img_size`` is dropped for models without one (CNNs)."""
+def check_model_name(name: str) -> None:
+    """Raise a :class:`ModelError` naming close matches unless timm knows ``name``."""
     if not timm.is_model(name):
         close = difflib.get_close_matches(name, timm.list_models(), n=3)
         hint = f' (did you mean {", ".join(close)}?)' if close else ''
         raise ModelError(f'{name}: not a timm model name{hint}')
+
+
+def create_model(name: str, img_size: Optional[int] = None, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, img_size=img_size, **kwargs)`` with one sentence for a name timm
+    does not know or arguments the model rejects; ``img_size`` is dropped for models without one (CNNs)."""
+    check_model_name(name)
+    sized = {'img_size': img_size} if img_size is not None else {}
     try:
-        if img_size is not None:
-            try:
-                return timm.create_model(name, img_size=img_size, **kwargs)
-            except TypeError as e:
-                if 'img_size' not in str(e):
-                    raise
-        return timm.create_model(name, **kwargs)
+        try:
+            return timm.create_model(name, **sized, **kwargs)
+        except TypeError as e:
+            if not sized or 'img_size' not in str(e):
+                raise
+            return timm.create_model(name, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
         raise ModelError(f'cannot create {name} with {kwargs}: {str(e).splitlines()[0]}') from None
 
@@ -241,11 +246,10 @@ def _num_prefix_tokens(model: nn.Module) -> int:
     return 0 if getattr(model, 'no_embed_class', False) else int(getattr(model, 'num_prefix_tokens', 1))
 
 
-def _resample_pos_embed(pos: torch.Tensor, model: nn.Module) -> Optional[torch.Tensor]:
-    """``pos`` resampled to the model's token grid; None where it cannot be (another width, not a
-    square grid), which the shape check then reports."""
+def _resample_pos_embed(pos: torch.Tensor, target: torch.Tensor, model: nn.Module) -> Optional[torch.Tensor]:
+    """``pos`` resampled to the shape of ``target``, the model's own; None where it cannot be
+    (another width, not a square grid), which the shape check then reports."""
     prefix = _num_prefix_tokens(model)
-    target = model.state_dict()['pos_embed']
     old_tokens = pos.shape[1] - prefix if pos.dim() == 3 else 0
     side = int(round(max(old_tokens, 0) ** 0.5))
     if pos.dim() != 3 or pos.shape[-1] != target.shape[-1] or side < 1 or side * side != old_tokens:
@@ -271,15 +275,14 @@ def load_pretrained_weights(model: nn.Module, source: Source, model_name: str,
     """
     own = model.state_dict()
     state = dict(source.state_dict)
+    heads = classifier_names(model)
     notes: List[str] = []
     reinit = []
     other_classes = bool(source.classes and classes and list(source.classes) != [str(c) for c in classes])
-    for head in classifier_names(model):
+    for head in heads:
         keys = [k for k in (f'{head}.weight', f'{head}.bias') if k in state or k in own]
-        if not keys:
-            continue
-        if other_classes or any(k not in state for k in keys if k in own) or any(
-                k not in own or state[k].shape != own[k].shape for k in keys if k in state):
+        if keys and (other_classes or any(k not in state or k not in own or state[k].shape != own[k].shape
+                                          for k in keys)):
             old = state.get(f'{head}.weight')
             for k in keys:
                 state.pop(k, None)
@@ -293,18 +296,16 @@ def load_pretrained_weights(model: nn.Module, source: Source, model_name: str,
         notes.insert(0, 're-initialised ' + ', '.join(reinit))
     if 'pos_embed' in state and 'pos_embed' in own and state['pos_embed'].shape != own['pos_embed'].shape:
         before = state['pos_embed'].shape[1]
-        resampled = _resample_pos_embed(state['pos_embed'], model)
+        resampled = _resample_pos_embed(state['pos_embed'], own['pos_embed'], model)
         if resampled is not None:
             state['pos_embed'] = resampled
             notes.append(f'resampled pos_embed ({before} -> {own["pos_embed"].shape[1]} tokens)')
-    allowed_missing: Sequence[str] = []
-    if not any('.refine.' in k for k in state):
-        allowed_missing = [k for k in own if '.attn.refine.' in k]
-        if allowed_missing:
-            blocks = sorted({int(k.split('.')[1]) for k in allowed_missing if k.startswith('blocks.')})
-            notes.append(f'refinement added to blocks {blocks} (the identity until trained)')
-    allowed_missing = list(allowed_missing) + [k for k in own if k not in state and
-                                               any(k.startswith(f'{h}.') for h in classifier_names(model))]
-    check_state_dict(model, state, source.path, model_name, allow_missing=allowed_missing)
+    # fresh heads, and a refinement the source lacks (a refine_vit retrofit), keep their initialisation
+    added = [] if any('.refine.' in k for k in state) else [k for k in own if '.attn.refine.' in k]
+    if added:
+        blocks = sorted({int(k.split('.')[1]) for k in added if k.startswith('blocks.')})
+        notes.append(f'refinement added to blocks {blocks} (the identity until trained)')
+    fresh_heads = [k for k in own if k not in state and k.startswith(tuple(f'{h}.' for h in heads))]
+    check_state_dict(model, state, source.path, model_name, allow_missing=added + fresh_heads)
     model.load_state_dict(state, strict=False)
     return f'loaded {len(state)} tensors from {source.description}' + ''.join(f'; {n}' for n in notes)

@@ -65,6 +65,7 @@ from .evaluate import evaluate
 from .fileio import atomic_write_text
 from .pretrained import (
     Source,
+    check_model_name,
     classifier_names,
     create_model,
     load_pretrained_weights,
@@ -128,8 +129,7 @@ def _resolve_model(cfg: TrainConfig, source: Optional[Source]) -> TrainConfig:
             name = source.model_name
         if name == source.model_name:
             args = {**{k: v for k, v in source.model_args.items() if k not in _TASK_ARGS}, **args}
-    if not timm.is_model(name):
-        create_model(name)  # the one sentence, with close names
+    check_model_name(name)  # before the data are read
     if cfg.refine is not None:
         if name == 'refined_vit':
             raise TrainingError(f'--refine: the model is already refined (blocks {args.get("refine_blocks")})')

@@ -532,6 +532,8 @@ _OFFICIAL_RENAMES = (
     ('.attn.adapt_bn.', '.attn.refine_norm.'),
     ('.mlp.scale_channel', '.ls2.gamma'),
 )
+
+
 def is_official_state_dict(state_dict: Mapping[str, Any]) -> bool:
     """True for the authors' key layout (their refinement lives in ``attn.DLA``)."""
     return any('.attn.DLA.' in k or k.endswith('.mlp.scale_channel') for k in state_dict)
