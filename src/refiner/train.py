@@ -31,7 +31,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, ContextManager, Dict, List, Optional, Tuple
 
 import numpy as np
 import timm
@@ -43,6 +43,7 @@ from timm.data import Mixup, create_transform
 from timm.data.mixup import mixup_target
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
@@ -52,6 +53,7 @@ from .checkpoint import RunFiles, load_state, save_state, save_weights
 from .config import DEFAULT_MODEL, TrainConfig
 from .data import (
     DataError,
+    Datasets,
     EpochSampler,
     SeededTransformDataset,
     SkipLog,
@@ -74,6 +76,8 @@ from .pretrained import (
 )
 
 __all__ = ['train', 'TrainingError']
+
+_STATE_FORMAT = 'refiner-train-state'  # checkpoint.pt's 'format'
 
 
 class TrainingError(RuntimeError):
@@ -101,6 +105,11 @@ def _setup_distributed(device_name: str) -> Tuple[Dist, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group('nccl' if device.type == 'cuda' else 'gloo')
     return Dist(rank, world, local_rank), device
+
+
+def _distributed() -> bool:
+    """Whether torch.distributed holds a process group (a run over several processes)."""
+    return dist.is_available() and dist.is_initialized()
 
 
 def _seed_everything(*parts: int) -> None:
@@ -199,6 +208,10 @@ def _attn_cos_reg(maps: List[torch.Tensor], pairs: int) -> torch.Tensor:
     return sum(F.cosine_similarity(maps[i].float(), maps[i + 1].float(), dim=1).mean() for i in range(n)) / n
 
 
+def _num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def _write_metrics(files: RunFiles, history: List[Dict[str, Any]]) -> None:
     atomic_write_text(files.metrics, ''.join(json.dumps(h) + '\n' for h in history))
 
@@ -233,101 +246,170 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str] = N
     try:
         return _Trainer(cfg, files, ddp, device, resuming, progress, source).run()
     finally:
-        if dist.is_available() and dist.is_initialized():
+        if _distributed():
             dist.destroy_process_group()
 
 
+# -- setup: the steps _Trainer.__init__ takes, in its order ----------------------------------------
+def _check_can_start(cfg: TrainConfig, files: RunFiles, device: torch.device, resuming: bool) -> None:
+    """Refuse, before any work, a run that cannot start: fp16 off CUDA, or a new run into another run's directory."""
+    if cfg.amp == 'fp16' and device.type != 'cuda':
+        raise TrainingError('amp fp16 needs CUDA (loss scaling); use --amp bf16 on a CPU')
+    if files.root.exists() and not resuming and any(files.root.iterdir()):
+        if (files.state.is_file() or files.summary.is_file()) and files.root.is_dir():
+            raise TrainingError(f'--out {files.root} already holds a run; resume it with --resume {files.root} '
+                                f'or choose another --out')
+
+
+def _read_data(cfg: TrainConfig) -> Datasets:
+    """The run's training and held-out images (untransformed) and their classes."""
+    data = build_datasets(cfg.data, cfg.train_fraction, cfg.seed, cfg.classes)
+    if len(data.classes) < 2:
+        raise DataError(f'{data.description}: at least two classes are needed')
+    return data
+
+
+def _resolve_img_size(cfg: TrainConfig, data: Datasets, source: Optional[Source]) -> int:
+    """The input side: the config's, else the dataset's, else the model args', else the source's, else
+    timm's default for the model, else 224."""
+    img_size = cfg.img_size or data.default_img_size or cfg.model_args.get('img_size')
+    if img_size is None and source is not None:
+        img_size = source.model_args.get('img_size') or (source.data_config or {}).get('input_size', [None])[-1]
+    if img_size is None:
+        default = timm.models.get_pretrained_cfg_value(cfg.model, 'input_size')
+        img_size = default[-1] if default else 224
+    return int(img_size[-1] if isinstance(img_size, (list, tuple)) else img_size)  # (H, W) or (C, H, W): H == W
+
+
+def _build_model(cfg: TrainConfig, classes: List[str], img_size: int, source: Optional[Source],
+                 device: torch.device) -> Tuple[nn.Module, Dict[str, Any], Optional[str]]:
+    """The model the run trains, on ``device``: a classifier over ``classes``, started from ``source``'s
+    weights where given, and under ``linear_probe`` frozen but for its classifier heads. Returns (model,
+    the model args config.yaml records, the line saying what was loaded or None)."""
+    model, model_args = _create_model(cfg, len(classes), img_size)
+    if cfg.layer_decay is not None and not hasattr(model, 'group_matcher'):
+        raise TrainingError(f'layer_decay: {cfg.model} has no group_matcher to tell its layers apart')
+    loaded = load_pretrained_weights(model, source, cfg.model, classes) if source is not None else None
+    if cfg.linear_probe:  # only the classifier heads learn; _step keeps the rest in eval mode
+        heads = tuple(f'{h}.' for h in classifier_names(model))
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.startswith(heads))
+    return model.to(device), model_args, loaded
+
+
+def _resolve_preprocessing(cfg: TrainConfig, model: nn.Module, source: Optional[Source],
+                           img_size: int) -> Tuple[TrainConfig, Dict[str, Any]]:
+    """The config with its input size and normalisation filled in (the recipe's, else what the source was
+    trained with, else the model's own), so that config.yaml records them and a resume needs neither the
+    source nor the defaults; and the eval data config the weights files carry."""
+    known = resolve_data_config(model, source.data_config if source is not None else None)
+    cfg = dataclasses.replace(cfg, img_size=img_size, mean=list(cfg.mean or known['mean']),
+                              std=list(cfg.std or known['std']), crop_pct=cfg.crop_pct or known['crop_pct'])
+    data_config = dict(input_size=[3, img_size, img_size], mean=list(cfg.mean), std=list(cfg.std),
+                       crop_pct=cfg.crop_pct, interpolation=cfg.interpolation)
+    return cfg, data_config
+
+
+def _build_input_pipeline(cfg: TrainConfig, data: Datasets, data_config: Dict[str, Any], ddp: Dist,
+                          global_batch: int) -> Tuple[SeededTransformDataset, SeededTransformDataset,
+                                                      EpochSampler, EpochSampler]:
+    """The transformed training and held-out sets and their samplers, which give each rank its share of
+    every global batch. Returns (train set, held-out set, train sampler, held-out sampler)."""
+    train_tf = create_transform(
+        cfg.img_size, is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
+        color_jitter=0.0, auto_augment=cfg.aa, interpolation=cfg.train_interpolation, mean=tuple(cfg.mean),
+        std=tuple(cfg.std), re_prob=cfg.reprob, re_mode=cfg.remode, re_count=1)
+    safe_posterize(train_tf)
+    val_tf = eval_transform(data_config)
+    train_set = SeededTransformDataset(data.train, train_tf, cfg.seed)
+    val_set = SeededTransformDataset(data.val, val_tf, cfg.seed)
+    if data.num_train < global_batch:
+        raise DataError(f'the batch ({cfg.batch_size} x {ddp.world_size} process(es) = {global_batch} images) is '
+                        f'larger than the {data.num_train} training images: lower --batch-size')
+    sampler = EpochSampler(data.num_train, cfg.batch_size, cfg.seed, shuffle=True, drop_last=True,
+                           rank=ddp.rank, world_size=ddp.world_size)
+    val_sampler = EpochSampler(data.num_val, cfg.batch_size, cfg.seed, shuffle=False, drop_last=False,
+                               rank=ddp.rank, world_size=ddp.world_size)
+    return train_set, val_set, sampler, val_sampler
+
+
+def _build_optimisation(cfg: TrainConfig, model: nn.Module, lr: float,
+                        steps_per_epoch: int) -> Tuple[torch.optim.Optimizer, Scheduler, int]:
+    """The DeiT recipe on timm's factories: the optimizer over the trainable parameters (frozen ones left
+    out; grouped layer by layer by the model's group_matcher under layer_decay) and the cosine schedule,
+    stepped every update. Returns (optimizer, scheduler, total epochs)."""
+    optimizer = create_optimizer_v2(model, cfg.opt, lr=lr, weight_decay=cfg.weight_decay, eps=cfg.opt_eps,
+                                    layer_decay=cfg.layer_decay)
+    cooldown = min(cfg.cooldown_epochs, cfg.epochs - 1)  # epochs counts them: --epochs N runs N epochs
+    scheduler, total_epochs = create_scheduler_v2(
+        optimizer, sched='cosine', num_epochs=cfg.epochs - cooldown, warmup_epochs=cfg.warmup_epochs,
+        warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, cooldown_epochs=cooldown,
+        step_on_epochs=False, updates_per_epoch=steps_per_epoch)
+    return optimizer, scheduler, total_epochs
+
+
+def _build_regularisers(cfg: TrainConfig, model: nn.Module,
+                        num_classes: int) -> Tuple[Optional[Mixup], Optional[ModelEmaV3]]:
+    """Mixup/CutMix (with label smoothing) and the weights' EMA, each None where the config turns it off."""
+    mixup = None
+    if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0:
+        mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                      switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
+                      num_classes=num_classes)
+    ema = ModelEmaV3(model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema else None
+    return mixup, ema
+
+
+def _build_precision(cfg: TrainConfig,
+                     device: torch.device) -> Tuple[Optional[torch.amp.GradScaler], ContextManager[Any]]:
+    """The loss scaler (fp16 only) and the autocast context the training forward runs in."""
+    scaler = torch.amp.GradScaler('cuda') if cfg.amp == 'fp16' else None
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == 'bf16' else torch.float16)
+                if cfg.amp != 'none' else nullcontext())
+    return scaler, autocast
+
+
+def _wrap_step_module(cfg: TrainConfig, model: nn.Module, ddp: Dist, device: torch.device) -> nn.Module:
+    """What a training step calls: the model's training forward, in DDP when there are several processes."""
+    if cfg.attn_cos_reg > 0 and not hasattr(model, 'forward_train'):
+        raise TrainingError('attn_cos_reg needs a Refiner-ViT model (it reads the handed-on attention maps)')
+    step_module: nn.Module = _TrainForward(model)
+    if ddp.world_size > 1:
+        step_module = nn.parallel.DistributedDataParallel(
+            step_module, device_ids=[device.index] if device.type == 'cuda' else None)
+    return step_module
+
+
 class _Trainer:
+    """One run: __init__ builds everything in a fixed order (the order of the random draws is part of
+    the result), ``run`` trains to the end and writes the final files."""
 
     def __init__(self, cfg: TrainConfig, files: RunFiles, ddp: Dist, device: torch.device, resuming: bool,
                  progress: bool, source: Optional[Source] = None) -> None:
-        self.cfg, self.files, self.ddp, self.device, self.progress = cfg, files, ddp, device, progress and ddp.main
-        if cfg.amp == 'fp16' and device.type != 'cuda':
-            raise TrainingError('amp fp16 needs CUDA (loss scaling); use --amp bf16 on a CPU')
-        if files.root.exists() and not resuming and any(files.root.iterdir()):
-            if (files.state.is_file() or files.summary.is_file()) and files.root.is_dir():
-                raise TrainingError(f'--out {files.root} already holds a run; resume it with --resume {files.root} '
-                                    f'or choose another --out')
-        _seed_everything(cfg.seed, -1)
+        self.files, self.ddp, self.device, self.progress = files, ddp, device, progress and ddp.main
+        _check_can_start(cfg, files, device, resuming)
+        _seed_everything(cfg.seed, -1)  # the model's initialisation (and any re-initialised head) draws from here
 
-        # data
-        self.data = build_datasets(cfg.data, cfg.train_fraction, cfg.seed, cfg.classes)
+        self.data = _read_data(cfg)
         self.num_classes = len(self.data.classes)
-        if self.num_classes < 2:
-            raise DataError(f'{self.data.description}: at least two classes are needed')
-        img_size = cfg.img_size or self.data.default_img_size or cfg.model_args.get('img_size')
-        if img_size is None and source is not None:
-            img_size = source.model_args.get('img_size') or (source.data_config or {}).get('input_size', [None])[-1]
-        if img_size is None:
-            default = timm.models.get_pretrained_cfg_value(cfg.model, 'input_size')
-            img_size = default[-1] if default else 224
-        self.img_size = img_size = int(img_size[-1] if isinstance(img_size, (list, tuple)) else img_size)
-        self.model, self.model_args = _create_model(cfg, self.num_classes, img_size)
-        if cfg.layer_decay is not None and not hasattr(self.model, 'group_matcher'):
-            raise TrainingError(f'layer_decay: {cfg.model} has no group_matcher to tell its layers apart')
-        self.loaded = None
-        if source is not None:
-            self.loaded = load_pretrained_weights(self.model, source, cfg.model, self.data.classes)
-        if cfg.linear_probe:  # only the classifier heads learn; _step keeps the rest in eval mode
-            heads = tuple(f'{h}.' for h in classifier_names(self.model))
-            for name, p in self.model.named_parameters():
-                p.requires_grad_(name.startswith(heads))
-        self.model.to(device)
-        # normalisation: the recipe's, else what the source was trained with, else the model's own;
-        # config.yaml records the result, so that a resume needs neither the source nor the defaults
-        known = resolve_data_config(self.model, source.data_config if source is not None else None)
-        mean, std = tuple(cfg.mean or known['mean']), tuple(cfg.std or known['std'])
-        crop_pct = cfg.crop_pct or known['crop_pct']
-        self.cfg = cfg = dataclasses.replace(cfg, img_size=img_size, mean=list(mean), std=list(std), crop_pct=crop_pct)
-        self.data_config = dict(input_size=[3, img_size, img_size], mean=list(mean), std=list(std), crop_pct=crop_pct,
-                                interpolation=cfg.interpolation)
-        train_tf = create_transform(
-            img_size, is_training=True, scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip,
-            color_jitter=0.0, auto_augment=cfg.aa, interpolation=cfg.train_interpolation, mean=mean, std=std,
-            re_prob=cfg.reprob, re_mode=cfg.remode, re_count=1)
-        safe_posterize(train_tf)
-        val_tf = eval_transform(self.data_config)
-        self.train_set = SeededTransformDataset(self.data.train, train_tf, cfg.seed)
-        self.val_set = SeededTransformDataset(self.data.val, val_tf, cfg.seed)
-        per_step = cfg.batch_size * ddp.world_size
-        if self.data.num_train < per_step:
-            raise DataError(f'the batch ({cfg.batch_size} x {ddp.world_size} process(es) = {per_step} images) is '
-                            f'larger than the {self.data.num_train} training images: lower --batch-size')
-        self.sampler = EpochSampler(self.data.num_train, cfg.batch_size, cfg.seed, shuffle=True, drop_last=True,
-                                    rank=ddp.rank, world_size=ddp.world_size)
-        self.val_sampler = EpochSampler(self.data.num_val, cfg.batch_size, cfg.seed, shuffle=False, drop_last=False,
-                                        rank=ddp.rank, world_size=ddp.world_size)
+        img_size = _resolve_img_size(cfg, self.data, source)
+        self.model, self.model_args, self.loaded = _build_model(cfg, self.data.classes, img_size, source, device)
+        cfg, self.data_config = _resolve_preprocessing(cfg, self.model, source, img_size)
+        self.cfg = cfg  # as config.yaml records it
+        global_batch = cfg.batch_size * ddp.world_size  # images per optimizer step, all ranks together
+        self.train_set, self.val_set, self.sampler, self.val_sampler = _build_input_pipeline(
+            cfg, self.data, self.data_config, ddp, global_batch)
         self.steps_per_epoch = self.sampler.batches_per_epoch()
         self.skips = SkipLog()
 
-        # optimisation: the DeiT recipe on timm's factories
-        self.lr = cfg.lr * per_step / cfg.lr_base_size
-        # frozen parameters are left out; layer_decay groups parameters by the model's group_matcher
-        self.optimizer = create_optimizer_v2(self.model, cfg.opt, lr=self.lr, weight_decay=cfg.weight_decay,
-                                             eps=cfg.opt_eps, layer_decay=cfg.layer_decay)
-        cooldown = min(cfg.cooldown_epochs, cfg.epochs - 1)  # epochs counts them: --epochs N runs N epochs
-        self.scheduler, self.total_epochs = create_scheduler_v2(
-            self.optimizer, sched='cosine', num_epochs=cfg.epochs - cooldown, warmup_epochs=cfg.warmup_epochs,
-            warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr, cooldown_epochs=cooldown,
-            step_on_epochs=False, updates_per_epoch=self.steps_per_epoch)
-        self.mixup = None
-        if (cfg.mixup > 0 or cfg.cutmix > 0) and cfg.mixup_prob > 0:
-            self.mixup = Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                               switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode, label_smoothing=cfg.smoothing,
-                               num_classes=self.num_classes)
-        self.ema = ModelEmaV3(self.model, decay=cfg.ema_decay, use_warmup=cfg.ema_warmup) if cfg.ema else None
-        self.scaler = torch.amp.GradScaler('cuda') if cfg.amp == 'fp16' else None
-        self.autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if cfg.amp == 'bf16' else torch.float16)
-                         if cfg.amp != 'none' else nullcontext())
-        if cfg.attn_cos_reg > 0 and not hasattr(self.model, 'forward_train'):
-            raise TrainingError('attn_cos_reg needs a Refiner-ViT model (it reads the handed-on attention maps)')
-        self.step_module: nn.Module = _TrainForward(self.model)
-        if ddp.world_size > 1:
-            self.step_module = nn.parallel.DistributedDataParallel(
-                self.step_module, device_ids=[device.index] if device.type == 'cuda' else None)
+        self.lr = cfg.lr * global_batch / cfg.lr_base_size  # scaled linearly with the global batch
+        self.optimizer, self.scheduler, self.total_epochs = _build_optimisation(cfg, self.model, self.lr,
+                                                                                self.steps_per_epoch)
+        self.mixup, self.ema = _build_regularisers(cfg, self.model, self.num_classes)
+        self.scaler, self.autocast = _build_precision(cfg, device)
+        self.step_module = _wrap_step_module(cfg, self.model, ddp, device)
 
-        # state
-        self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0
+        self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0  # where the run stands; _load moves them on
         self.history: List[Dict[str, Any]] = []
         if resuming:
             self._load()
@@ -338,7 +420,7 @@ class _Trainer:
     # -- state ------------------------------------------------------------------------------
     def _state(self) -> Dict[str, Any]:
         return {
-            'format': 'refiner-train-state', 'version': 1,
+            'format': _STATE_FORMAT, 'version': 1,
             'epoch': self.epoch, 'batch_in_epoch': self.batch_in_epoch, 'global_step': self.global_step,
             'model': self.model.state_dict(),
             'ema': self.ema.module.state_dict() if self.ema is not None else None,
@@ -356,7 +438,7 @@ class _Trainer:
 
     def _load(self) -> None:
         state = load_state(self.files.state)
-        if state.get('format') != 'refiner-train-state':
+        if state.get('format') != _STATE_FORMAT:
             raise TrainingError(f'{self.files.state} is not a refiner training state')
         if state['world_size'] != self.ddp.world_size:
             raise TrainingError(f'the run was trained with {state["world_size"]} process(es); resume it with the same '
@@ -443,8 +525,7 @@ class _Trainer:
         if self.epoch >= self.total_epochs:
             raise TrainingError(f'{files.root}: this run already finished; its results are in {files.summary}')
         if self.ddp.main:
-            params = sum(p.numel() for p in self.model.parameters())
-            print(f'{cfg.model} ({params / 1e6:.2f}M parameters) on {self.data.description}; '
+            print(f'{cfg.model} ({_num_params(self.model) / 1e6:.2f}M parameters) on {self.data.description}; '
                   f'{self.total_epochs} epochs x {self.steps_per_epoch} steps, batch {cfg.batch_size} x '
                   f'{self.ddp.world_size}, lr {self.lr:.3g}, '
                   f'{self.device}' + (f', resuming at epoch {self.epoch + 1} step {self.global_step}'
@@ -520,13 +601,14 @@ class _Trainer:
     def _finish(self) -> Dict[str, Any]:
         files, last = self.files, self.history[-1]
         skipped = _gather_paths(self.skips)
+        train_time = sum(h.get('train_time_s', 0) for h in self.history)
         summary = {
-            'model': self.cfg.model, 'params': sum(p.numel() for p in self.model.parameters()),
+            'model': self.cfg.model, 'params': _num_params(self.model),
             'top1': last['top1'], 'top5': last['top5'], 'eval_loss': last['eval_loss'],
             'epochs': self.epoch, 'steps': self.global_step,
             'images_per_s': sum(h.get('images_per_s', 0) * h.get('train_time_s', 0) for h in self.history)
-            / max(sum(h.get('train_time_s', 0) for h in self.history), 1e-9),
-            'train_time_s': sum(h.get('train_time_s', 0) for h in self.history),
+            / max(train_time, 1e-9),
+            'train_time_s': train_time,
             'skipped_files': len(skipped), 'skipped_paths': skipped[:100],
             'num_train': self.data.num_train, 'num_val': self.data.num_val, 'world_size': self.ddp.world_size,
         }
@@ -552,7 +634,7 @@ class _Trainer:
 
 def _gather_paths(skips: SkipLog) -> List[str]:
     paths = sorted(skips.paths)
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         gathered: List[Optional[List[str]]] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, paths)
         paths = sorted({p for part in gathered for p in (part or [])})
