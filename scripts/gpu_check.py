@@ -3,7 +3,7 @@
     PYTHONPATH=src python scripts/gpu_check.py --out DIR
 
 1. the original model's parity fixtures on CUDA (float32);
-2. the fused training kernels against the reference autograd code on CUDA (float64 and float32);
+2. the training kernels against the reference autograd code on CUDA (float64 and float32);
 3. a bf16-autocast training step of Refiner-ViT-S (finite loss and gradients);
 4. ``refiner bench`` on CUDA: Refiner-ViT-S against timm's deit_small_patch16_224, bf16 autocast,
    batch 64 and 128, inference and training, alternating fresh processes.
@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'src'))
 import refiner  # noqa: E402
 from refiner.bench import BenchConfig, format_table, run_bench  # noqa: E402
-from refiner.layers import RefinedAttention  # noqa: E402
+from refiner.kernels import set_kernels  # noqa: E402
 
 
 def rel(a, b):
@@ -41,13 +41,11 @@ def randomise(model, seed=0):
     return model
 
 
-def fused_vs_reference(dtype, device):
+def kernels_vs_reference(dtype, device):
     torch.manual_seed(0)
     model = randomise(timm.create_model('refiner_vit_nano', num_classes=5)).to(device, dtype)
     ref = copy.deepcopy(model)
-    for m in ref.modules():
-        if isinstance(m, RefinedAttention):
-            m.fused_kernels = False
+    set_kernels(False, ref)
     x = torch.randn(6, 3, 32, 32, device=device, dtype=dtype)
     o1, o2 = model(x), ref(x)
     o1.square().sum().backward()
@@ -78,8 +76,8 @@ def main():
         model = refiner.load_official(fx['state_dict'], device=dev)
         with torch.no_grad():
             res[f'parity_{name}'] = rel(model(fx['input'].to(dev)).cpu(), fx['logits'])
-    res['fused_vs_reference_float64'] = fused_vs_reference(torch.float64, dev)
-    res['fused_vs_reference_float32'] = fused_vs_reference(torch.float32, dev)
+    res['kernels_vs_reference_float64'] = kernels_vs_reference(torch.float64, dev)
+    res['kernels_vs_reference_float32'] = kernels_vs_reference(torch.float32, dev)
     print(json.dumps(res, indent=1), flush=True)
 
     model = timm.create_model('refiner_vit_s').to(dev).train()

@@ -24,7 +24,7 @@ def test_bench_tiny_configuration(tmp_path):
     res = _cli('bench', '--model', 'refiner_vit_nano', '--img-size', '32', '--batch-size', '2', '--train',
                '--reference', 'vit_tiny_patch16_224', '--rounds', '1', '--steps', '1', '--warmup', '1', '--json', out)
     assert res.returncode == 0, res.stderr
-    assert '| refiner_vit_nano | infer (fused) |' in res.stdout and 'GEMM roofline' in res.stdout
+    assert '| refiner_vit_nano | infer (reparameterized) |' in res.stdout and 'GEMM roofline' in res.stdout
     report = json.loads(out.read_text())
     rows = {(r['config']['model'], r['config']['mode']): r for r in report['rows']}
     assert set(rows) == {('refiner_vit_nano', 'infer'), ('refiner_vit_nano', 'train'),
@@ -35,11 +35,11 @@ def test_bench_tiny_configuration(tmp_path):
         assert 0 < row['roofline_fraction'] < 10
         if model == 'refiner_vit_nano':
             assert row['speed_ratio'] > 0 and row['mem_ratio'] > 0
-    assert rows[('refiner_vit_nano', 'infer')]['fused_max_rel_diff'] <= 1e-5  # fused == unfused
+    assert rows[('refiner_vit_nano', 'infer')]['reparameterized_max_rel_diff'] <= 1e-5  # reparameterized == not
 
 
 def _reference_outputs(model, batches=(1, 3)):
-    """The un-fused eval model's logits on fixed inputs, and how far they move without the MLPs."""
+    """The eval model (not reparameterized)'s logits on fixed inputs, and how far they move without the MLPs."""
     import copy
     xs = [torch.randn(b, 3, 32, 32, generator=torch.Generator().manual_seed(b)) for b in batches]
     no_mlp = copy.deepcopy(model)
@@ -57,16 +57,17 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-@pytest.mark.parametrize('fuse', [True, False])
-def test_onnx_round_trip_dynamic_batch(tmp_path, fuse):
+@pytest.mark.parametrize('reparameterize', [True, False])
+def test_onnx_round_trip_dynamic_batch(tmp_path, reparameterize):
     import onnxruntime as ort
     original = trained_scale(timm.create_model('refiner_vit_nano', num_classes=7))
     xs, ref = _reference_outputs(original)
-    model = prepare(original, fuse=fuse)
+    model = prepare(original, reparameterize=reparameterize)
     path = export_onnx(model, str(tmp_path / 'm.onnx'), img_size=32, opset=18)
     errs = check_onnx(str(path), model, 32, batches=(1, 3, 5))
     assert max(errs.values()) <= 1e-4, errs
-    sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])  # against the un-fused model too
+    # against the model before reparameterization too
+    sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     for x, r in zip(xs, ref):
         out = torch.from_numpy(sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0])
         assert _rel(out, r) <= 1e-4

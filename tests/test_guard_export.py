@@ -1,5 +1,5 @@
 """Guards on ``refiner export``: the TorchScript file written through the command line, from a
-checkpoint of trained-scale weights, reproduces the un-fused model."""
+checkpoint of trained-scale weights, reproduces the model before reparameterization."""
 import copy
 
 import timm

@@ -1,4 +1,4 @@
-"""Guards on the fused kernels (refiner.layers.fused): float64 gradchecks of every custom autograd
+"""Guards on the kernels (refiner.kernels): float64 gradchecks of every custom autograd
 Function, reference paths that truly run no kernel, eval chunking and row slabs against the
 reference, and the memory claims (what is and is not saved for backward)."""
 import copy
@@ -10,12 +10,18 @@ import torch
 import torch.nn.functional as F
 
 import refiner  # noqa: F401  (registers the models)
-from refiner.layers import DistributedLocalAttention, RefinedAttention
+from refiner import kernels
+from refiner.kernels import handover, refinement, tiling
+from refiner.layers import DistributedLocalAttention
 from refiner.layers import attention as attention_module
-from refiner.layers import fused as kernels
+from refiner.layers import dla as dla_module
 from refiner.models import refiner_vit
 
 GRADCHECK = dict(eps=1e-6, atol=1e-7, rtol=1e-5)
+# where the modules call a kernel (their names there)
+KERNEL_CALLS = ((attention_module, 'attention_handover'), (attention_module, 'refine_aggregate_train'),
+                (attention_module, 'refine_aggregate_eval'), (refiner_vit, 'gelu_linear'), (refiner_vit, 'recompute'),
+                (dla_module, 'recompute'))
 
 
 def _randomise(module, seed=0):
@@ -38,9 +44,7 @@ def _randomise(module, seed=0):
 
 def _reference(model):
     ref = copy.deepcopy(model)
-    for m in ref.modules():
-        if isinstance(m, RefinedAttention):
-            m.fused_kernels = False
+    kernels.set_kernels(False, ref)
     return ref
 
 
@@ -63,12 +67,32 @@ def test_gelu_linear_gradcheck(bias):
     assert type(out.grad_fn).__name__ == '_GeluLinearBackward'  # the kernel, not plain autograd, was checked
 
 
+@pytest.mark.parametrize('dtype,autocast', [(torch.float32, False), (torch.float64, False), (torch.float32, True)])
+def test_gelu_linear_equals_plain_autograd(dtype, autocast):
+    """The lean MLP's kernel against ``F.linear(F.gelu(h), w, b)`` under plain autograd: the same
+    output and the same gradients of h, w and b (also under CPU bf16 autocast)."""
+    torch.manual_seed(0)
+    h = torch.randn(4, 7, 16, dtype=dtype, requires_grad=True)
+    w = torch.randn(8, 16, dtype=dtype, requires_grad=True)
+    b = torch.randn(8, dtype=dtype, requires_grad=True)
+    g = torch.randn(4, 7, 8, dtype=dtype)
+    results = []
+    for f in (kernels.gelu_linear, lambda h, w, b: F.linear(F.gelu(h), w, b)):
+        with torch.autocast('cpu', dtype=torch.bfloat16, enabled=autocast):
+            out = f(h, w, b)
+        results.append((out, *torch.autograd.grad(out, (h, w, b), g.to(out.dtype))))
+    tol = dict(rtol=2e-2, atol=2e-2) if autocast else dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else {}
+    for name, a, e in zip(('output', 'dL/dh', 'dL/dw', 'dL/db'), *results):
+        assert a.dtype == e.dtype, name
+        torch.testing.assert_close(a, e, msg=name, **tol)
+
+
 @pytest.fixture(params=['whole', 'slabs'])
 def budget(request, monkeypatch):
     """The default chunk budget (one chunk), or one so small that every kernel walks rows in slabs;
     returns gradcheck's options (with slabs, its fast mode: a random projection of the Jacobian)."""
     if request.param == 'slabs':
-        monkeypatch.setattr(kernels, 'CHUNK_BYTES', {'cpu': 1})
+        monkeypatch.setattr(tiling, 'CHUNK_BYTES', {'cpu': 1})
         return dict(GRADCHECK, fast_mode=True)
     return GRADCHECK
 
@@ -104,6 +128,11 @@ def _refining_pair():
     return dla, norm
 
 
+def _states(dla, norm):
+    return [kernels.BatchNormState(m.weight, m.bias, m.running_mean, m.running_var, m.momentum, m.eps)
+            for m in (dla.expand_norm, dla.local_norm, dla.reduce_norm, norm)]
+
+
 def test_refine_aggregate_gradcheck(budget):
     """The training refinement (BatchNorms in closed form, expanded maps recomputed): gradients of
     the map, v and all twelve parameters against finite differences."""
@@ -114,15 +143,16 @@ def test_refine_aggregate_gradcheck(budget):
               dla.local_norm.weight, dla.local_norm.bias, dla.reduce.weight, dla.reduce_norm.weight,
               dla.reduce_norm.bias, norm.weight, norm.bias]
     params = [p.detach().clone().requires_grad_() for p in params]
-    bns = tuple(kernels._BN(m) for m in (dla.expand_norm, dla.local_norm, dla.reduce_norm, norm))
-    meta = (bns, 0.6, 1, False, None)  # scale, halo, no running-statistics update, no recipe
+    states = _states(dla, norm)
+    meta = (states, 0.6, 1, False, None)  # scale, halo, no running-statistics update, no recipe
 
     def f(a, v, *p):
-        return kernels._RefineAggregate.apply(meta, a, v, *p)
+        return refinement._RefineAggregate.apply(meta, a, v, *p)
 
     assert torch.autograd.gradcheck(f, (a, v, *params), **budget)
-    # and the module-level entry point takes this kernel in training
-    out = kernels.refine_aggregate(a, v, dla, norm, 0.6)
+    # and the public entry point takes this kernel
+    out = kernels.refine_aggregate_train(a, v, dla.expand.weight, dla.local.weight, dla.reduce.weight, states, 0.6,
+                                         update_stats=False)
     assert type(out.grad_fn).__name__ == '_RefineAggregateBackward'
 
 
@@ -130,13 +160,15 @@ def test_refine_aggregate_of_a_rebuilt_map_gradcheck(budget):
     """A refining block whose input map carries a recipe rebuilds it from q, k in backward: the
     gradients reach q and k through the rebuild."""
     dla, norm = _refining_pair()
+    states = _states(dla, norm)
     torch.manual_seed(1)
     q, k, v = (torch.randn(2, 2, 6, 3, dtype=torch.double, requires_grad=True) for _ in range(3))
 
     def f(q, k, v):
         _, a = kernels.attention_handover(q, k, None, None, 0.5)
-        assert kernels._recipe(a) is not None
-        return kernels.refine_aggregate(a, v, dla, norm, 0.6)
+        assert handover.recipe_of(a) is not None
+        return kernels.refine_aggregate_train(a, v, dla.expand.weight, dla.local.weight, dla.reduce.weight,
+                                              states, 0.6, update_stats=False)
 
     assert torch.autograd.gradcheck(f, (q, k, v), **budget)
 
@@ -145,15 +177,14 @@ def test_refine_aggregate_of_a_rebuilt_map_gradcheck(budget):
 
 def _forbid_kernels(monkeypatch):
     def forbidden(*args, **kwargs):
-        raise AssertionError('the reference path ran a fused kernel')
+        raise AssertionError('the reference path ran a kernel')
 
-    for module, name in ((attention_module, 'attention_handover'), (attention_module, 'refine_aggregate'),
-                         (refiner_vit, 'gelu_linear')):
+    for module, name in KERNEL_CALLS:
         monkeypatch.setattr(module, name, forbidden)
 
 
-def test_reference_model_runs_no_kernel_and_fused_runs_all(monkeypatch):
-    """``fused_kernels = False`` must switch off every kernel, the lean MLP included: otherwise a
+def test_reference_model_runs_no_kernel_and_kernel_model_runs_all(monkeypatch):
+    """``set_kernels(False, model)`` must switch off every kernel, the lean MLP included: otherwise a
     kernel runs on both sides of a kernel-vs-reference comparison and its bugs go unseen."""
     model = _tiny().double().train()
     ref = _reference(model)
@@ -166,12 +197,13 @@ def test_reference_model_runs_no_kernel_and_fused_runs_all(monkeypatch):
             return f(*args, **kwargs)
         return counted
 
-    for module, name in ((attention_module, 'attention_handover'), (attention_module, 'refine_aggregate'),
-                         (refiner_vit, 'gelu_linear')):
+    for module, name in KERNEL_CALLS:
         monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
     out = model(x)
     out.square().sum().backward()
-    assert calls == {'attention_handover': 3, 'refine_aggregate': 3, 'gelu_linear': 6}, calls
+    # 3 attention and 3 refining blocks, 6 MLPs, the stem's recomputation (the refining blocks' own
+    # recomputation is inside their kernel)
+    assert calls == {'attention_handover': 3, 'refine_aggregate_train': 3, 'gelu_linear': 6, 'recompute': 1}, calls
     monkeypatch.undo()
     _forbid_kernels(monkeypatch)
     ref_out = ref(x)
@@ -215,17 +247,17 @@ def test_eval_chunks_and_row_slabs_match_reference(monkeypatch, mode):
         N, E = 17, model.blocks[1].attn.refine.expanded_heads  # tokens; maps the local kernel convolves
         cuts = []
 
-        def blocks(*args, f=kernels._blocks):
+        def tiles(*args, f=tiling.tiles):
             cut = f(*args)
-            if sys._getframe(1).f_code.co_name == 'refine_aggregate':
+            if sys._getframe(1).f_code.co_name == 'refine_aggregate_eval':
                 cuts.append(cut)
             return cut
 
-        monkeypatch.setattr(kernels, '_blocks', blocks)
+        monkeypatch.setattr(tiling, 'tiles', tiles)
         # one sample per chunk, whole maps; then slabs of a few rows
         for budget in (E * N * N * 8, 3 * E * N * 8, 1):
             cuts.clear()
-            monkeypatch.setattr(kernels, 'CHUNK_BYTES', {'cpu': budget})
+            monkeypatch.setattr(tiling, 'CHUNK_BYTES', {'cpu': budget})
             torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-12, msg=f'budget {budget}')
             samples = {(i, j) for cut in cuts for i, j, _, _ in cut}
             rows = {(r0, r1) for cut in cuts for _, _, r0, r1 in cut}
@@ -247,17 +279,14 @@ def _saved(model, x):
     return out, saved
 
 
-@pytest.mark.parametrize('fused', [True, False])
-def test_expanded_maps_and_gelu_output_are_not_saved_for_backward(fused):
+@pytest.mark.parametrize('kernel', [True, False])
+def test_expanded_maps_and_gelu_output_are_not_saved_for_backward(kernel):
     """README: the refining blocks' expanded maps (B, r·H, N, N) are never stored for backward, and
     the MLP's GELU output is recomputed, not saved. The reference path saves both (so the check can
     see them)."""
     model = _tiny().train()
-    if not fused:  # the reference path, storing its maps rather than recomputing them (checkpoint)
+    if not kernel:  # the reference path, storing its maps rather than recomputing them
         model = _reference(model)
-        for blk in model.blocks:
-            if blk.attn.refine is not None:
-                blk.attn.refine.recompute = False
     x = torch.randn(2, 3, 16, 16)
     hidden = []
     for blk in model.blocks:
@@ -268,7 +297,7 @@ def test_expanded_maps_and_gelu_output_are_not_saved_for_backward(fused):
                 and t.shape[-1] == N]
     gelus = [F.gelu(h) for h in hidden]
     kept_gelu = [t for t in saved if any(t.numel() == g.numel() and torch.equal(t.reshape(g.shape), g) for g in gelus)]
-    if fused:
+    if kernel:
         assert expanded == [], [tuple(t.shape) for t in expanded]
         assert kept_gelu == []
         out.sum().backward()  # what was saved suffices

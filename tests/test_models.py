@@ -118,7 +118,7 @@ def test_stem_recomputation_same_outputs_gradients_and_statistics(monkeypatch):
 
 def test_stem_hands_the_free_heap_back_between_the_blocks_and_its_backward(monkeypatch):
     import refiner.models.refiner_vit as refiner_vit
-    from refiner.layers.memory import release_free_heap
+    from refiner.kernels import release_free_heap
     release_free_heap()  # runs wherever it is called (glibc or not)
     model = _tiny().train()
     seen = []
@@ -285,10 +285,10 @@ def test_reparameterize_keeps_outputs():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         ref = model(x)
-        fused = timm.utils.reparameterize_model(model)
-        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
-        torch.testing.assert_close(fused(x), ref, rtol=1e-5, atol=1e-5)
-        again = timm.utils.reparameterize_model(fused)  # idempotent
+        folded = timm.utils.reparameterize_model(model)
+        assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+        torch.testing.assert_close(folded(x), ref, rtol=1e-5, atol=1e-5)
+        again = timm.utils.reparameterize_model(folded)  # idempotent
         torch.testing.assert_close(again(x), ref, rtol=1e-5, atol=1e-5)
 
 

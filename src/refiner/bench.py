@@ -32,7 +32,7 @@ class BenchConfig:
     device: str = 'cpu'
     amp: str = 'none'  # 'none' or 'bf16'
     compile: bool = False
-    fuse: bool = True  # reparameterize for inference (timm.utils.reparameterize_model)
+    reparameterize: bool = True  # fold BatchNorms and scales for inference (timm.utils.reparameterize_model)
     steps: int = 5
     warmup: int = 2
     threads: Optional[int] = None
@@ -72,7 +72,7 @@ def measure(cfg: BenchConfig) -> Dict[str, Any]:
     check = None
     if cfg.mode == 'infer':
         model.eval()
-        if cfg.fuse:
+        if cfg.reparameterize:
             with torch.no_grad():
                 ref = model(x[:2])
             model = timm.utils.reparameterize_model(model)
@@ -116,7 +116,7 @@ def measure(cfg: BenchConfig) -> Dict[str, Any]:
         'config': asdict(cfg), 'params': params, 'gflops_per_image': flops / 1e9,
         'step_s': times, 'median_step_s': med, 'images_per_s': cfg.batch_size / med, 'warmup_s': warmup_s,
         'peak_rss_mb': _peak_rss_mb(), 'base_rss_mb': base_rss, 'peak_mem_mb': _peak_rss_mb() - base_rss,
-        'fused_max_rel_diff': check,
+        'reparameterized_max_rel_diff': check,
     }
     if device.type == 'cuda':
         res['peak_mem_mb'] = (torch.cuda.max_memory_allocated(device) - base_cuda) / 2 ** 20
@@ -181,7 +181,7 @@ def run_bench(configs: List[BenchConfig], reference: Optional[str] = 'deit_small
             rows.append({'config': asdict(c), 'error': runs[i][0]['error']})
             continue
         med_step = statistics.median(m['median_step_s'] for m in ok)
-        row = {k: ok[0][k] for k in ('params', 'gflops_per_image', 'fused_max_rel_diff') if k in ok[0]}
+        row = {k: ok[0][k] for k in ('params', 'gflops_per_image', 'reparameterized_max_rel_diff') if k in ok[0]}
         row.update(config=asdict(c), images_per_s=c.batch_size / med_step, median_step_s=med_step,
                    round_images_per_s=[m['images_per_s'] for m in ok],
                    peak_mem_mb=statistics.median(m['peak_mem_mb'] for m in ok), device_name=ok[0].get('device_name'))
@@ -220,8 +220,8 @@ def format_table(report: Dict[str, Any]) -> str:
     for row in report['rows']:
         c = row['config']
         name = c['model'] + (' (compiled)' if c['compile'] else '') + (' bf16' if c['amp'] == 'bf16' else '')
-        fused = c['mode'] == 'infer' and c['fuse'] and c['model'].startswith('refiner')
-        mode = c['mode'] + (' (fused)' if fused else '')
+        folded = c['mode'] == 'infer' and c['reparameterize'] and c['model'].startswith('refiner')
+        mode = c['mode'] + (' (reparameterized)' if folded else '')
         if 'error' in row:
             lines.append(f'| {name} | {mode} | {c["batch_size"]} | {c["img_size"]} | error: {row["error"][:80]} |'
                          + ' |' * 6)

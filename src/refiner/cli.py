@@ -209,7 +209,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--train', action='store_true', help='also measure a training step (forward, backward, AdamW)')
     p.add_argument('--no-infer', action='store_true', help='skip the inference measurement')
     p.add_argument('--compile', action='store_true', help='torch.compile the models')
-    p.add_argument('--no-fuse', action='store_true', help='measure inference without re-parameterizing')
+    p.add_argument('--no-reparameterize', action='store_true', help='measure inference without re-parameterizing')
     p.add_argument('--device', default='cpu')
     p.add_argument('--amp', choices=['none', 'bf16'], default='none')
     p.add_argument('--reference', default='deit_small_patch16_224', help="timm model to compare with ('none': skip)")
@@ -234,7 +234,8 @@ def _bench(args: argparse.Namespace) -> int:
     if not modes:
         raise UsageError('nothing to measure: drop --no-infer or add --train')
     configs = [BenchConfig(model=m, mode=mode, batch_size=b, img_size=s, device=args.device, amp=args.amp,
-                           compile=args.compile, fuse=not args.no_fuse, steps=args.steps, warmup=args.warmup)
+                           compile=args.compile, reparameterize=not args.no_reparameterize, steps=args.steps,
+                           warmup=args.warmup)
                for m in args.model for mode in modes for b in args.batch_size for s in args.img_size]
     report = run_bench(configs, None if args.reference == 'none' else args.reference, rounds=args.rounds)
     print(format_table(report))
@@ -254,7 +255,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
                    help="hf: a timm / Hugging Face Hub model folder, loadable with timm.create_model('local-dir:OUT')")
     p.add_argument('--img-size', type=int)
     p.add_argument('--opset', type=int, default=18)
-    p.add_argument('--no-fuse', action='store_true', help='export without re-parameterizing')
+    p.add_argument('--no-reparameterize', action='store_true', help='export without re-parameterizing')
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -277,11 +278,11 @@ def _export(args: argparse.Namespace) -> int:
             import shutil
             shutil.rmtree(path)  # never leave a folder that does not reload as the model
     elif args.format == 'onnx':
-        model = prepare(model, fuse=not args.no_fuse)
+        model = prepare(model, reparameterize=not args.no_reparameterize)
         path = export_onnx(model, args.out, size, opset=args.opset)
         errs, tol, what = check_onnx(path, model, size), 1e-4, 'PyTorch'
     else:
-        model = prepare(model, fuse=not args.no_fuse)
+        model = prepare(model, reparameterize=not args.no_reparameterize)
         path = export_torchscript(model, args.out)
         errs, tol, what = check_torchscript(path, model, size), 1e-5, 'PyTorch'
     detail = ', '.join(f'batch {b}: {e:.1e}' for b, e in errs.items())

@@ -28,10 +28,10 @@ def _compare(loaded, model: torch.nn.Module, img_size: int, batches: Sequence[in
     return errs
 
 
-def prepare(model: torch.nn.Module, fuse: bool = True) -> torch.nn.Module:
-    """Eval mode, and re-parameterized (BatchNorms and scales folded) unless ``fuse`` is False."""
+def prepare(model: torch.nn.Module, reparameterize: bool = True) -> torch.nn.Module:
+    """Eval mode, and re-parameterized (BatchNorms and scales folded) unless ``reparameterize`` is False."""
     model = model.eval()
-    return timm.utils.reparameterize_model(model) if fuse else model
+    return timm.utils.reparameterize_model(model) if reparameterize else model
 
 
 def export_onnx(model: torch.nn.Module, path: str, img_size: int, opset: int = 18, in_chans: int = 3) -> Path:

@@ -34,9 +34,7 @@ class RefinedTimmAttention(RefinedAttention):
         if attn_mask is not None or is_causal:
             raise ValueError('refined attention does not support attention masks or causal attention')
         B, N, C = x.shape
-        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, d)
-        q, k, v = qkv.unbind(0)
-        q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self.project_qkv(x)  # (B, H, N, d) each
         _, attn = self._attend(q, k, None, None)  # (B, H, N, N)
         out = self._aggregate_refined(attn, v)  # refine(A) @ V
         out = out.transpose(1, 2).reshape(B, N, C)

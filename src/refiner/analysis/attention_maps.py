@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from timm.layers import Attention as TimmAttention
 from torch import nn
 
+from .. import functional as RF
 from ..layers import RefinedAttention
 from ..retrofit import RefinedTimmAttention
 from .features import AnalysisError, _model_name
@@ -64,46 +65,27 @@ def block_kind(attn: nn.Module) -> str:
 
 
 def _softmax_map(attn: nn.Module, x: torch.Tensor, prev: Optional[torch.Tensor]) -> torch.Tensor:
-    """A = softmax(q·kᵀ·s) [+ s·prev] recomputed from the module's qkv projection on its input x (B, N, C)."""
+    """A = softmax(q·kᵀ·s) [+ s·prev] recomputed from a timm Attention's qkv projection on its input x (B, N, C)."""
     B, N, _ = x.shape
     H, d = attn.num_heads, attn.head_dim
     qkv = attn.qkv(x).reshape(B, N, 3, H, d).permute(2, 0, 3, 1, 4)  # (3, B, H, N, d)
     q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
-    a = ((q * attn.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
-    if prev is not None:
-        a = a + attn.scale * prev  # the Refiner hand-over
-    return a
+    return RF.attention_map(q, k, prev, attn.scale)  # (B, H, N, N)
 
 
 def refine_stages(attn: RefinedAttention, prev: torch.Tensor) -> Dict[str, torch.Tensor]:
     """The stages of refining ``prev`` (B, H, N, N) with ``attn.refine`` (eval mode, no gradients).
 
-    Returns ``before`` (the input map), ``expanded`` (the r·H maps after expansion [+ norm + act]),
-    ``local`` (after the k×k local conv [+ norm + act]; for the one-conv form, the dense k×k conv
-    across heads, and no ``expanded``), ``reduced`` (after reduction [+ norm] + residual) and
-    ``refined`` (= ``attn.refined_map(prev)``, the map that aggregates V).
+    Returns ``before`` (the input map), the stages of
+    :meth:`refiner.layers.DistributedLocalAttention.stages` (``expanded``, ``local``, ``reduced``:
+    the very computation of the module's forward) and ``refined`` (= ``attn.refined_map(prev)``,
+    the map that aggregates V).
     """
     dla = attn.refine
     if dla is None:
         raise AnalysisError('this attention module does not refine its maps (refine is None)')
-    out: Dict[str, torch.Tensor] = {'before': prev}
     with torch.no_grad():
-        if dla.conv is not None:  # 'conv' form, or a folded 'linear' form: one dense k×k conv across heads
-            y = dla.conv(prev)
-            out['local'] = y
-        else:
-            assert dla.expand is not None and dla.local is not None and dla.reduce is not None
-            e = dla.act(dla.expand_norm(dla.expand(prev)))  # (B, r·H, N, N)
-            out['expanded'] = e
-            loc = dla.act(dla.local_norm(dla.local(e)))  # (B, r·H, N, N)
-            out['local'] = loc
-            y = dla.reduce_norm(dla.reduce(loc))  # (B, H, N, N)
-        if dla.residual:
-            res = prev if dla.residual_scale is None else prev * dla.residual_scale.view(1, -1, 1, 1)
-            y = y + res
-        out['reduced'] = y
-        out['refined'] = attn.refined_map(prev)
-    return out
+        return {'before': prev, **dla.stages(prev), 'refined': attn.refined_map(prev)}
 
 
 @torch.no_grad()

@@ -12,20 +12,29 @@ Refiner-ViT (the authors' released code) alternates two kinds of blocks:
 map before using it (``refine`` given, ``reuse_attn=False``): that is how the paper's "ViT/DeiT +
 refiner" works, and how :func:`refiner.refine_vit` retrofits a timm ViT.
 """
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from timm.layers import register_notrace_module
 from torch import nn
 
+from .. import functional as RF
+from ..kernels import (
+    BatchNormState,
+    attention_handover,
+    kernels_apply,
+    recomputing,
+    refine_aggregate_eval,
+    refine_aggregate_train,
+    use_kernels,
+)
 from .dla import DistributedLocalAttention
-from .fused import attention_handover, kernels_apply, refine_aggregate
-from .norm import BatchNorm2d
+from .norm import BatchNorm2d, batchnorm_affine
 
 __all__ = ['RefinedAttention']
 
 
-@register_notrace_module  # a leaf for torch.fx: its fast paths branch on run-time state
+@register_notrace_module  # a leaf for torch.fx: its kernels branch on run-time state
 class RefinedAttention(nn.Module):
     """Multi-head self-attention whose attention map can be refined and handed to the next block.
 
@@ -77,23 +86,18 @@ class RefinedAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
-        # use the fused kernels of refiner.layers.fused in eager mode (False: the reference code; a
-        # RefinerBlock's lean MLP follows this switch too)
-        self.fused_kernels = True
+        self.use_kernels = use_kernels()  # refiner.kernels in eager mode (False: the reference code)
 
     def forward(self, x: torch.Tensor, prev_attn: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         B, N, C = x.shape
-        H, d = self.num_heads, self.head_dim
         if self.reuse_attn:
             if prev_attn is None:
                 raise ValueError('a refining block needs the attention map of a previous block')
-            v = self.qkv(x).view(B, N, H, d).transpose(1, 2)  # (B, H, N, d)
+            v = self.qkv(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
             attn = prev_attn  # handed on unchanged
             out = self._aggregate_refined(prev_attn, v)
         else:
-            qkv = self.qkv(x).view(B, N, 3, H, d).permute(2, 0, 3, 1, 4)  # (3, B, H, N, d)
-            q, k, v = qkv.unbind(0)
-            q, k = self.q_norm(q), self.k_norm(k)
+            q, k, v = self.project_qkv(x)
             if self.refine is None:
                 aggregated, attn = self._attend(q, k, v, prev_attn)
                 assert aggregated is not None
@@ -105,14 +109,19 @@ class RefinedAttention(nn.Module):
         out = self.proj_drop(self.proj(out))
         return out, attn
 
+    def project_qkv(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v of an attention block, (B, H, N, d) each, q and k normalised when qk_norm."""
+        B, N, _ = x.shape
+        qkv = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (3, B, H, N, d)
+        q, k, v = qkv.unbind(0)
+        return self.q_norm(q), self.k_norm(k), v
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor], prev_attn: Optional[torch.Tensor]
                 ) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         """A = softmax(q·kᵀ·s) [+ s·A_prev]; returns (dropout(A) @ v or None, A)."""
         if not torch.jit.is_scripting() and self._attention_kernel_applies(q, prev_attn):
-            return self._attend_fused(q, k, v, prev_attn)
-        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, H, N, N)
-        if prev_attn is not None:
-            attn = torch.add(attn, prev_attn, alpha=self.scale)  # the authors' hand-over
+            return self._attend_kernel(q, k, v, prev_attn)
+        attn = RF.attention_map(q, k, prev_attn, self.scale)  # (B, H, N, N)
         out = self.attn_drop(attn) @ v if v is not None else None
         return out, attn
 
@@ -126,17 +135,17 @@ class RefinedAttention(nn.Module):
 
     def _aggregate_refined(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self._kernels_apply(attn, v):
-            out = self._aggregate_refined_fused(attn, v)
+            out = self._aggregate_refined_kernel(attn, v)
             if out is not None:
                 return out
         return self.attn_drop(self.refined_map(attn)) @ v
 
-    # the fused kernels of refiner.layers.fused: same results, less time and memory (eager only)
+    # the kernels of refiner.kernels: same results, less time and memory (eager only)
 
     @torch.jit.unused
     def _kernels_apply(self, a: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
         dropout = self.attn_drop.p > 0 and self.training
-        return self.fused_kernels and not dropout and kernels_apply(a, b)
+        return self.use_kernels and not dropout and kernels_apply(a, b)
 
     @torch.jit.unused
     def _attention_kernel_applies(self, q: torch.Tensor, prev: Optional[torch.Tensor]) -> bool:
@@ -145,14 +154,45 @@ class RefinedAttention(nn.Module):
         return self._kernels_apply(q, prev) and not (q.is_cuda and torch.is_autocast_enabled('cuda'))
 
     @torch.jit.unused
-    def _attend_fused(self, q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor],
-                      prev_attn: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    def _attend_kernel(self, q: torch.Tensor, k: torch.Tensor, v: Optional[torch.Tensor],
+                       prev_attn: Optional[torch.Tensor]) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
         return attention_handover(q, k, v, prev_attn, self.scale)
 
     @torch.jit.unused
-    def _aggregate_refined_fused(self, attn: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
-        assert self.refine is not None
-        return refine_aggregate(attn, v, self.refine, self.refine_norm, self.refine_scale)
+    def _aggregate_refined_kernel(self, attn: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
+        """The refinement kernel's result, or None where this configuration has none."""
+        refine, norm = self.refine, self.refine_norm
+        assert refine is not None
+        if torch.is_grad_enabled() and (attn.requires_grad or v.requires_grad or refine.training):
+            norms = self._training_kernel_norms()
+            if norms is None:
+                return None
+            update = not recomputing()  # a checkpointed block's recomputation counts no batch twice
+            if update:
+                for m in norms:
+                    m.num_batches_tracked.add_(1)
+            states = [BatchNormState(m.weight, m.bias, m.running_mean, m.running_var, m.momentum, m.eps) for m in norms]
+            assert refine.expand is not None and refine.local is not None and refine.reduce is not None
+            return refine_aggregate_train(attn, v, refine.expand.weight, refine.local.weight, refine.reduce.weight,
+                                          states, self.refine_scale, update)
+        if refine.training or (isinstance(norm, nn.BatchNorm2d) and norm.training):
+            return None  # training-mode batch statistics couple the samples
+        return refine_aggregate_eval(attn, v, lambda a: norm(refine(a)), refine.kernel_size // 2,
+                                     refine.expanded_heads, self.refine_scale)
+
+    @torch.jit.unused
+    def _training_kernel_norms(self) -> Optional[List[nn.BatchNorm2d]]:
+        """The BatchNorms the training kernel takes over (expansion, local, reduction [, post norm]),
+        or None unless this is the authors' inverted residual, unfolded, in training mode."""
+        refine, norm = self.refine, self.refine_norm
+        assert refine is not None
+        norms = [refine.expand_norm, refine.local_norm, refine.reduce_norm] + ([] if isinstance(norm, nn.Identity)
+                                                                                else [norm])
+        fits = (refine.mode == 'inverted_residual' and not refine.reparameterized and refine.training
+                and refine.residual_scale is None and refine.activated
+                and all(c is not None and c.bias is None for c in (refine.expand, refine.local, refine.reduce))
+                and all(_is_training_batchnorm(m) for m in norms))
+        return norms if fits else None
 
     @torch.no_grad()
     def reparameterize(self) -> None:
@@ -161,16 +201,14 @@ class RefinedAttention(nn.Module):
             return
         if self.training:
             raise RuntimeError('folding uses running statistics: call model.eval() first')
-        H = self.num_heads
-        scale = torch.full((H,), self.refine_scale)
-        shift = torch.zeros(H)
         norm = self.refine_norm
-        if isinstance(norm, nn.BatchNorm2d):
-            assert norm.running_var is not None and norm.running_mean is not None
-            g = norm.weight / torch.sqrt(norm.running_var + norm.eps)
-            scale = scale.to(g) * g
-            shift = (norm.bias - norm.running_mean * g) * self.refine_scale
+        scale, shift = batchnorm_affine(norm, self.num_heads, self.proj.weight)  # (H,) each
         if isinstance(norm, nn.BatchNorm2d) or self.refine_scale != 1.0:
-            self.refine.fold(scale, shift)
+            self.refine.reparameterize(scale * self.refine_scale, shift * self.refine_scale)
         self.refine_norm = nn.Identity()
         self.refine_scale = 1.0
+
+
+def _is_training_batchnorm(m: nn.Module) -> bool:
+    return (isinstance(m, nn.BatchNorm2d) and m.training and m.track_running_stats and m.affine
+            and m.momentum is not None and m.running_mean is not None)

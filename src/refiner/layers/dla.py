@@ -20,42 +20,26 @@ Three forms (``mode``):
 The 1×1 convolutions run as matrix products over the head axis, and the expanded maps live
 channels-last, (B, N, N, H') in memory, where oneDNN's depthwise convolution is fast; input and
 output stay head-major, (B, H, N, N), as the products with V want them. In training the expanded
-maps are recomputed during backward instead of being stored (``recompute``), which is where the
-original implementation spends most of its memory. ``fold()`` folds the BatchNorms (and an affine
-that follows the module) into the convolutions for inference; the ``linear`` form collapses into
-a single k×k convolution.
+maps are recomputed during backward instead of being stored (a kernel, :mod:`refiner.kernels`),
+which is where the original implementation spends most of its memory. ``reparameterize()`` folds
+the BatchNorms (and an affine that follows the module) into the convolutions for inference; the
+``linear`` form collapses into a single k×k convolution.
+
+The stages themselves are :mod:`refiner.functional`'s, which the kernels and the analysis call too.
 """
-from typing import Optional, Tuple
+from typing import Dict, Optional
 
 import torch
-import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .fused import eager_mode
-from .norm import BatchNorm2d
+from .. import functional as RF
+from ..kernels import eager_mode, recompute, use_kernels
+from .norm import BatchNorm2d, conv_like, fold_batchnorm
 
 __all__ = ['DistributedLocalAttention', 'REFINE_MODES']
 
 REFINE_MODES = ('inverted_residual', 'linear', 'conv')
-
-
-def _expand(attn: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """1×1 convolution across heads, (B, H, N, M) -> (B, H', N, M) stored channels-last."""
-    B, H, N, M = attn.shape
-    x = attn.flatten(2).transpose(1, 2)  # (B, N·M, H), a view
-    t = F.linear(x, weight.flatten(1), bias)  # (B, N·M, H')
-    return t.view(B, N, M, -1).permute(0, 3, 1, 2)  # (B, H', N, M), channels-last strides
-
-
-def _reduce(t: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    """1×1 convolution across heads of a channels-last map, (B, H', N, M) -> (B, H, N, M) head-major."""
-    B, E, N, M = t.shape
-    x = t.permute(0, 2, 3, 1).reshape(B, N * M, E).transpose(1, 2)  # (B, H', N·M), views when t is channels-last
-    w = weight.flatten(1).expand(B, -1, -1)  # (B, H, H')
-    out = torch.bmm(w, x) if bias is None else torch.baddbmm(bias.view(1, -1, 1), w, x)  # (B, H, N·M)
-    return out.view(B, -1, N, M)
 
 
 @register_notrace_module  # fx treats it as a leaf: its training path holds a checkpoint
@@ -70,7 +54,6 @@ class DistributedLocalAttention(nn.Module):
         residual: add the input map to the output; the inverted residual always does.
         zero_init_last: initialise the last layer to zero so that the module starts as the identity
             (needs a residual); used when refining a pretrained transformer.
-        recompute: in training, recompute the expanded maps during backward instead of storing them.
 
     Shape: (B, H, N, M) -> (B, H, N, M).
     """
@@ -83,7 +66,6 @@ class DistributedLocalAttention(nn.Module):
             mode: str = 'inverted_residual',
             residual: bool = True,
             zero_init_last: bool = False,
-            recompute: bool = True,
     ) -> None:
         super().__init__()
         if mode not in REFINE_MODES:
@@ -97,7 +79,6 @@ class DistributedLocalAttention(nn.Module):
         self.num_heads = num_heads
         self.mode = mode
         self.residual = residual or mode == 'inverted_residual'
-        self.recompute = recompute
         self.kernel_size = refine_kernel_size
         k, H = refine_kernel_size, num_heads
         E = self.expanded_heads = H if mode == 'conv' else H * expansion_ratio
@@ -113,10 +94,12 @@ class DistributedLocalAttention(nn.Module):
         self.expand_norm = BatchNorm2d(E) if with_norm else nn.Identity()
         self.local_norm = BatchNorm2d(E) if with_norm else nn.Identity()
         self.reduce_norm = BatchNorm2d(H) if with_norm else nn.Identity()
-        self.act = nn.ReLU6(inplace=True) if with_norm else nn.Identity()
-        # per-head factor on the residual; only set by fold() when an affine is folded in
+        self.activated = with_norm  # ReLU6 (refiner.functional.activation) after expansion and local stage
+        # per-head factor on the residual; only set by reparameterize() when an affine is folded in
         self.register_buffer('residual_scale', None)
-        self.fused = False  # set by fold(): norms folded, ready for inference
+        self.reparameterized = False  # norms folded into the convolutions, ready for inference
+        # a kernel (refiner.kernels): in training, recompute the expanded maps in backward instead of storing them
+        self.use_kernels = use_kernels()
         if zero_init_last:
             self.zero_init_last()
 
@@ -125,50 +108,67 @@ class DistributedLocalAttention(nn.Module):
         last = self.reduce_norm if isinstance(self.reduce_norm, nn.BatchNorm2d) else (self.conv or self.reduce)
         nn.init.zeros_(last.weight)
 
-    def _refine(self, attn: torch.Tensor) -> torch.Tensor:
-        # attn: (B, H, N, M)
+    def _refine(self, attn: torch.Tensor, stages: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """The chain on attn (B, H, N, M); with ``stages`` given, each stage's output is recorded there."""
         if self.conv is not None:
-            out = self.conv(attn.contiguous(memory_format=torch.channels_last)).contiguous()
+            out = RF.local_conv(attn.contiguous(memory_format=torch.channels_last), self.conv.weight,
+                                self.conv.bias).contiguous()  # (B, H, N, M)
+            if stages is not None:
+                stages['local'] = out.clone()
         else:
             assert self.expand is not None and self.local is not None and self.reduce is not None
-            t = _expand(attn, self.expand.weight, self.expand.bias)  # (B, H', N, M), channels-last
-            t = self.act(self.expand_norm(t))
-            t = self.act(self.local_norm(self.local(t)))  # depthwise k×k, stays channels-last
-            out = self.reduce_norm(_reduce(t, self.reduce.weight, self.reduce.bias))  # (B, H, N, M)
+            t = RF.expand(attn, self.expand.weight, self.expand.bias)  # (B, H', N, M), channels-last
+            t = self._act(self.expand_norm(t))
+            if stages is not None:
+                stages['expanded'] = t
+            t = self._act(self.local_norm(RF.local_conv(t, self.local.weight, self.local.bias)))  # stays channels-last
+            if stages is not None:
+                stages['local'] = t
+            out = self.reduce_norm(RF.reduce(t, self.reduce.weight, self.reduce.bias))  # (B, H, N, M)
         if self.residual:  # in place: out is a fresh tensor that no backward needs
             if self.residual_scale is not None:
                 out = out.addcmul_(attn, self.residual_scale.view(1, -1, 1, 1))
             else:
                 out = out.add_(attn)
+        if stages is not None:
+            stages['reduced'] = out
         return out
 
-    @torch.jit.unused
-    def _forward_recompute(self, attn: torch.Tensor) -> torch.Tensor:
-        return checkpoint(self._refine, attn, use_reentrant=False)
+    def _act(self, t: torch.Tensor) -> torch.Tensor:
+        return RF.activation(t, inplace=True) if self.activated else t
+
+    @torch.no_grad()
+    def stages(self, attn: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The output of every stage of refining attn (B, H, N, M), as the forward computes them:
+        ``expanded`` (H' maps after expansion [+ norm + act]; absent in the one-conv form),
+        ``local`` (after the k×k local convolution [+ norm + act]) and ``reduced`` (after the
+        reduction [+ norm] + residual, the module's output)."""
+        stages: Dict[str, torch.Tensor] = {}
+        self._refine(attn, stages)
+        return stages
 
     @torch.jit.unused
     def _recompute_applies(self, attn: torch.Tensor) -> bool:
         # under torch.compile / export the compiler plans recomputation itself
-        return self.recompute and self.training and torch.is_grad_enabled() and eager_mode(attn)
+        return self.use_kernels and self.training and torch.is_grad_enabled() and eager_mode(attn)
 
     def forward(self, attn: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting() and self._recompute_applies(attn):
-            return self._forward_recompute(attn)
+            return recompute(self._refine, attn)
         return self._refine(attn)
 
-    def reparameterize(self) -> None:
-        """Fold the BatchNorms into the convolutions for inference (timm's ``reparameterize_model``
-        calls this); the ``linear`` form becomes one k×k convolution. Outputs are unchanged."""
-        if not self.fused:
-            self.fold()
-
     @torch.no_grad()
-    def fold(self, out_scale: Optional[torch.Tensor] = None, out_shift: Optional[torch.Tensor] = None) -> None:
+    def reparameterize(self, out_scale: Optional[torch.Tensor] = None,
+                       out_shift: Optional[torch.Tensor] = None) -> None:
         """Fold the BatchNorms, and a per-head affine ``out_scale·y + out_shift`` applied to this
-        module's output, into the convolutions (eval mode; outputs unchanged up to rounding)."""
+        module's output, into the convolutions, for inference (eval mode; outputs unchanged up to
+        rounding); the ``linear`` form becomes one k×k convolution. timm's
+        ``reparameterize_model`` calls this without an affine."""
         if self.training:
             raise RuntimeError('folding uses running statistics: call model.eval() first')
-        self.fused = True
+        if self.reparameterized and out_scale is None and out_shift is None:
+            return
+        self.reparameterized = True
         H = self.num_heads
         ref = (self.conv or self.expand).weight
         scale = torch.ones(H, dtype=ref.dtype, device=ref.device) if out_scale is None else out_scale.to(ref)
@@ -191,13 +191,13 @@ class DistributedLocalAttention(nn.Module):
                 c = self.kernel_size // 2
                 weight[:, :, c, c] += torch.diag(scale if self.residual_scale is None else scale * self.residual_scale)
                 self.residual = False
-            self.conv = _conv_like(self.conv, weight, bias)
+            self.conv = conv_like(self.conv, weight, bias)
             return
         assert self.expand is not None and self.local is not None and self.reduce is not None
-        self.expand = _conv_like(self.expand, *_fold_norm(self.expand, self.expand_norm))
-        self.local = _conv_like(self.local, *_fold_norm(self.local, self.local_norm))
-        w, b = _fold_norm(self.reduce, self.reduce_norm)
-        self.reduce = _conv_like(self.reduce, w * scale.view(-1, 1, 1, 1), b * scale + shift)
+        self.expand = conv_like(self.expand, *fold_batchnorm(self.expand, self.expand_norm))
+        self.local = conv_like(self.local, *fold_batchnorm(self.local, self.local_norm))
+        w, b = fold_batchnorm(self.reduce, self.reduce_norm)
+        self.reduce = conv_like(self.reduce, w * scale.view(-1, 1, 1, 1), b * scale + shift)
         self.expand_norm, self.local_norm, self.reduce_norm = nn.Identity(), nn.Identity(), nn.Identity()
         if self.residual:
             res = scale if self.residual_scale is None else scale * self.residual_scale
@@ -207,25 +207,3 @@ class DistributedLocalAttention(nn.Module):
     def extra_repr(self) -> str:
         return f'mode={self.mode}, heads={self.num_heads}, expanded={self.expanded_heads}, k={self.kernel_size}'
 
-
-def _fold_norm(conv: nn.Conv2d, norm: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Weight and bias of ``norm(conv(x))`` as one convolution (norm a BatchNorm2d in eval, or Identity)."""
-    weight = conv.weight
-    bias = conv.bias if conv.bias is not None else weight.new_zeros(weight.shape[0])
-    if not isinstance(norm, nn.BatchNorm2d):
-        return weight, bias
-    assert norm.running_var is not None and norm.running_mean is not None
-    gamma = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
-    beta = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_mean)
-    g = gamma / torch.sqrt(norm.running_var + norm.eps)
-    return weight * g.view(-1, 1, 1, 1), (bias - norm.running_mean) * g + beta
-
-
-def _conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: torch.Tensor) -> nn.Conv2d:
-    out = nn.Conv2d(
-        conv.in_channels, conv.out_channels, conv.kernel_size, padding=conv.padding, groups=conv.groups,
-        bias=True, device=weight.device, dtype=weight.dtype)
-    out.weight.data.copy_(weight)
-    assert out.bias is not None
-    out.bias.data.copy_(bias)
-    return out

@@ -1,16 +1,15 @@
-"""BatchNorm that counts every batch once, also under activation checkpointing."""
+"""BatchNorm that counts every batch once under recomputation, and folding BatchNorms into
+convolutions (re-parameterization for inference), written once for every module that needs it."""
+from typing import Optional, Tuple
+
 import torch
 import torch.nn.functional as F
 from timm.layers import register_notrace_module
 from torch import nn
 
-__all__ = ['BatchNorm2d', 'recomputing']
+from ..kernels.recompute import recomputing
 
-
-@torch.jit.unused
-def recomputing() -> bool:
-    """True while autograd runs a backward pass, i.e. when a checkpointed forward is being recomputed."""
-    return torch._C._current_graph_task_id() != -1
+__all__ = ['BatchNorm2d', 'batchnorm_affine', 'conv_like', 'fold_batchnorm']
 
 
 @register_notrace_module  # decides at run time, not at trace time
@@ -39,3 +38,37 @@ class BatchNorm2d(nn.BatchNorm2d):
             x, self.running_mean if not self.training or self.track_running_stats else None,
             self.running_var if not self.training or self.track_running_stats else None,
             self.weight, self.bias, use_batch_stats, momentum, self.eps)
+
+
+def batchnorm_affine(norm: nn.Module, channels: int, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """An eval-mode BatchNorm over ``channels`` as the per-channel affine y = scale·x + shift (an
+    Identity: 1, 0), in ``like``'s dtype and device."""
+    if not isinstance(norm, nn.BatchNorm2d):
+        return like.new_ones(channels), like.new_zeros(channels)
+    if norm.training:
+        raise RuntimeError('folding uses running statistics: call model.eval() first')
+    assert norm.running_var is not None and norm.running_mean is not None
+    gamma = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
+    beta = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_mean)
+    scale = gamma / torch.sqrt(norm.running_var + norm.eps)
+    return scale.to(like), (beta - norm.running_mean * scale).to(like)
+
+
+def fold_batchnorm(conv: nn.Conv2d, norm: nn.Module) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of ``norm(conv(x))`` as one convolution (norm a BatchNorm2d in eval, or Identity)."""
+    weight = conv.weight
+    bias = conv.bias if conv.bias is not None else weight.new_zeros(weight.shape[0])
+    scale, shift = batchnorm_affine(norm, weight.shape[0], weight)
+    return weight * scale.view(-1, 1, 1, 1), bias * scale + shift
+
+
+def conv_like(conv: nn.Conv2d, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Conv2d:
+    """A convolution shaped as ``conv`` (stride, padding, groups) with the given weight and bias."""
+    out = nn.Conv2d(
+        conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride, padding=conv.padding,
+        groups=conv.groups, bias=bias is not None, device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        out.weight.copy_(weight)
+        if bias is not None:
+            out.bias.copy_(bias)
+    return out

@@ -29,9 +29,18 @@ from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..kernels import (
+    MMAP_THRESHOLD_MAX,
+    eager_mode,
+    forget_recipe,
+    gelu_linear,
+    kernels_apply,
+    recompute,
+    release_free_heap,
+    use_kernels,
+)
 from ..layers import BatchNorm2d, DistributedLocalAttention, RefinedAttention
-from ..layers.fused import eager_mode, forget_recipe, gelu_linear, kernels_apply
-from ..layers.memory import MMAP_THRESHOLD_MAX, release_free_heap
+from ..layers.norm import conv_like, fold_batchnorm
 
 try:
     from timm.models._input import update_model_input_size  # timm's record of a resized model (timm >= 1.0.2x)
@@ -74,6 +83,7 @@ class ConvStem(nn.Module):
         self.bn3 = BatchNorm2d(c3)
         self.act = nn.ReLU(inplace=True)
         self.proj = nn.Conv2d(c3, embed_dim, patch_size // 2, stride=patch_size // 2)
+        self.use_kernels = use_kernels()  # in training, recompute the stem's maps in backward (refiner.kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_image_input(x, self.in_chans, self.patch_size)
@@ -81,7 +91,7 @@ class ConvStem(nn.Module):
         if not torch.jit.is_scripting() and self._recompute(x):
             # at half the input's resolution the stem's maps outweigh the blocks' activations: keep
             # none of them and recompute them in backward (a few percent of the step)
-            out = checkpoint(self._embed, x, use_reentrant=False)
+            out = recompute(self._embed, x)
             if out.requires_grad and self._maps_outgrow_free_heap(x):
                 # the recomputation comes right after the blocks' activations have been freed: hand
                 # that memory back first, so that peak memory is not the sum of both
@@ -104,7 +114,7 @@ class ConvStem(nn.Module):
 
     @torch.jit.unused
     def _recompute(self, x: torch.Tensor) -> bool:
-        return self.training and torch.is_grad_enabled() and eager_mode(x)
+        return self.use_kernels and self.training and torch.is_grad_enabled() and eager_mode(x)
 
     @torch.jit.unused
     def _maps_outgrow_free_heap(self, x: torch.Tensor) -> bool:
@@ -119,18 +129,8 @@ class ConvStem(nn.Module):
         for conv_name, bn_name in (('conv1', 'bn1'), ('conv2', 'bn2'), ('conv3', 'bn3')):
             conv, bn = getattr(self, conv_name), getattr(self, bn_name)
             if isinstance(bn, nn.BatchNorm2d):
-                setattr(self, conv_name, _fold_bn(conv, bn))
+                setattr(self, conv_name, conv_like(conv, *fold_batchnorm(conv, bn)))
                 setattr(self, bn_name, nn.Identity())
-
-
-def _fold_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
-    g = bn.weight / torch.sqrt(bn.running_var + bn.eps)
-    fused = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, stride=conv.stride,
-                      padding=conv.padding, groups=conv.groups, bias=True).to(conv.weight)
-    fused.weight.copy_(conv.weight * g.view(-1, 1, 1, 1))
-    bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-    fused.bias.copy_((bias - bn.running_mean) * g + bn.bias)
-    return fused
 
 
 class RefinerBlock(nn.Module):
@@ -143,7 +143,7 @@ class RefinerBlock(nn.Module):
             mlp_ratio: float = 3.,
             qkv_bias: bool = True,
             reuse_attn: bool = False,
-            refine: bool = False,
+            refine_own_map: bool = False,
             refine_mode: Union[str, Sequence[str]] = 'inverted_residual',
             expansion_ratio: int = 3,
             refine_kernel_size: int = 3,
@@ -158,7 +158,7 @@ class RefinerBlock(nn.Module):
         norm_layer = partial(nn.LayerNorm, eps=norm_eps)
         self.norm1 = norm_layer(dim)
         refine_module = None
-        if reuse_attn or refine:
+        if reuse_attn or refine_own_map:
             refine_module = DistributedLocalAttention(
                 num_heads, expansion_ratio=expansion_ratio, refine_kernel_size=refine_kernel_size, mode=refine_mode)
         self.attn = RefinedAttention(
@@ -169,6 +169,7 @@ class RefinerBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
         self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
+        self.use_kernels = use_kernels()  # the lean MLP below (refiner.kernels)
 
     def forward(self, x: torch.Tensor, prev_attn: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         y, attn = self.attn(self.norm1(x), prev_attn)
@@ -185,9 +186,8 @@ class RefinerBlock(nn.Module):
 
     @torch.jit.unused
     def _lean_mlp_applies(self, x: torch.Tensor) -> bool:
-        # the same switch as the attention kernels (``attn.fused_kernels = False``: the reference code)
         m = self.mlp
-        return (self.attn.fused_kernels and self.training and torch.is_grad_enabled() and kernels_apply(x)
+        return (self.use_kernels and self.training and torch.is_grad_enabled() and kernels_apply(x)
                 and isinstance(m.act, nn.GELU) and m.act.approximate == 'none' and isinstance(m.norm, nn.Identity)
                 and not any(isinstance(d, nn.Dropout) and d.p > 0 for d in (m.drop1, m.drop2)))
 
