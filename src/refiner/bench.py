@@ -219,7 +219,9 @@ def format_table(report: Dict[str, Any]) -> str:
              'GFLOP/s (% roofline) |', '|' + ' --- |' * 11]
     for row in report['rows']:
         c = row['config']
-        name = c['model'] + (' (compiled)' if c['compile'] else '') + (' bf16' if c['amp'] == 'bf16' else '')
+        args = ','.join(f'{k}={v}' for k, v in c.get('model_args', {}).items())
+        name = (c['model'] + (f':{args}' if args else '') + (' (compiled)' if c['compile'] else '')
+                + (' bf16' if c['amp'] == 'bf16' else ''))
         folded = c['mode'] == 'infer' and c['reparameterize'] and c['model'].startswith('refiner')
         mode = c['mode'] + (' (reparameterized)' if folded else '')
         if 'error' in row:

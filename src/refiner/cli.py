@@ -203,7 +203,9 @@ def _ablate(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------ bench
 
 def _bench_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument('--model', nargs='+', default=['refiner_vit_s'])
+    p.add_argument('--model', nargs='+', default=['refiner_vit_s'], metavar='NAME[:KEY=VALUE,...]',
+                   help='timm models, each with optional model arguments (YAML values), '
+                        'e.g. refiner_vit_s:refine_layout=spatial')
     p.add_argument('--batch-size', type=int, nargs='+', default=[16])
     p.add_argument('--img-size', type=int, nargs='+', default=[224])
     p.add_argument('--train', action='store_true', help='also measure a training step (forward, backward, AdamW)')
@@ -227,16 +229,24 @@ def _bench(args: argparse.Namespace) -> int:
     import refiner  # noqa: F401
 
     from .bench import BenchConfig, format_table, run_bench, save_report
-    for name in args.model + ([args.reference] if args.reference != 'none' else []):
+    from .config import ConfigError, parse_set
+    models = []
+    for spec in args.model:
+        name, _, model_args = spec.partition(':')
+        try:
+            models.append((name, parse_set(model_args.split(',')) if model_args else {}))
+        except ConfigError:
+            raise UsageError(f'--model {spec}: expected NAME or NAME:KEY=VALUE,...') from None
+    for name in [m for m, _ in models] + ([args.reference] if args.reference != 'none' else []):
         if not timm.is_model(name):
             raise UsageError(f'--model {name}: not a timm model name')
     modes = ([] if args.no_infer else ['infer']) + (['train'] if args.train else [])
     if not modes:
         raise UsageError('nothing to measure: drop --no-infer or add --train')
-    configs = [BenchConfig(model=m, mode=mode, batch_size=b, img_size=s, device=args.device, amp=args.amp,
-                           compile=args.compile, reparameterize=not args.no_reparameterize, steps=args.steps,
-                           warmup=args.warmup)
-               for m in args.model for mode in modes for b in args.batch_size for s in args.img_size]
+    configs = [BenchConfig(model=m, model_args=kw, mode=mode, batch_size=b, img_size=s, device=args.device,
+                           amp=args.amp, compile=args.compile, reparameterize=not args.no_reparameterize,
+                           steps=args.steps, warmup=args.warmup)
+               for m, kw in models for mode in modes for b in args.batch_size for s in args.img_size]
     report = run_bench(configs, None if args.reference == 'none' else args.reference, rounds=args.rounds)
     print(format_table(report))
     path = args.json or f'runs/bench/bench-{time.strftime("%Y%m%d-%H%M%S")}.json'

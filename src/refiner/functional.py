@@ -8,7 +8,9 @@ on this module at call time, so that a stage changed here changes all three.
 
 - :func:`attention_map`: A = softmax(q·kᵀ·s) [+ s·A_prev], with the authors' hand-over.
 - :func:`expand`: *attention expansion*, a 1×1 convolution across heads, H -> H' = r·H maps.
-- :func:`local_conv`: *distributed local attention*, a k×k convolution over each N×N map.
+- :func:`local_conv`: *distributed local attention*, a k×k convolution over each N×N map, in the
+  maps' flattened token order (the released form); :func:`grid_conv`: the same over the 2-D token
+  grid of the keys or of the queries (spatial DLA).
 - :func:`reduce`: *attention reduction*, a 1×1 convolution back to H maps.
 - :func:`activation`: the ReLU6 of the authors' inverted residual, after expansion and local stage.
 
@@ -16,12 +18,12 @@ Maps are (B, H, N, M): rows are queries, columns keys. The expanded maps are kep
 ((B, N, M, H') in memory, where oneDNN's depthwise convolution is fast); input and output maps are
 head-major, as the products with V want them.
 """
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ['activation', 'attention_map', 'expand', 'local_conv', 'reduce']
+__all__ = ['activation', 'attention_map', 'expand', 'grid_conv', 'local_conv', 'reduce']
 
 Tensor = torch.Tensor
 
@@ -56,6 +58,37 @@ def local_conv(t: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tens
     (C, C, k, k). Keeps the input's memory format."""
     groups = t.shape[1] // weight.shape[1]
     return F.conv2d(t, weight, bias, padding=weight.shape[-1] // 2, groups=groups)
+
+
+def grid_conv(t: Tensor, weight: Tensor, bias: Optional[Tensor], grid_size: Tuple[int, int], num_prefix_tokens: int,
+              dim: int = -1) -> Tensor:
+    """Spatial distributed local attention: a k×k convolution of maps t (B, C, N, M) over the h×w
+    token grid of their keys (``dim=-1``: each query's map over the keys, as an h×w image) or of
+    their queries (``dim=-2``), zero-padded at the grid's borders; depthwise when weight is
+    (C, 1, k, k), dense across maps when (C, C, k, k).
+
+    Prefix tokens (the class token) are not on the grid: each is a 1×1 grid of its own, so its
+    column (keys) or row (queries) is weighted by the kernel's centre tap alone. That keeps the
+    stage one zero-padded convolution (linear, so BatchNorms fold into it) with no weights of its
+    own for the class token, and the class token's map is neither mixed into nor out of the patches'.
+    Returns (B, C', N, M), channels-last for ``dim=-1``."""
+    B, C, N, M = t.shape
+    h, w = grid_size
+    P, k = num_prefix_tokens, weight.shape[-1]
+    groups = C // weight.shape[1]
+    x = t.permute(0, 2, 3, 1) if dim == -1 else t.permute(0, 3, 2, 1)  # (B, maps, tokens on the grid side, C)
+    R, T = x.shape[1], x.shape[2]
+    if T != P + h * w:
+        raise ValueError(f'maps over {T} tokens do not fit a {h}x{w} token grid with {P} prefix tokens')
+    patches = x[:, :, P:].reshape(B * R, h, w, C).permute(0, 3, 1, 2)  # (B·R, C, h, w), channels-last
+    y = F.conv2d(patches, weight, bias, padding=k // 2, groups=groups)  # (B·R, C', h, w)
+    out = t.new_empty(B, R, T, y.shape[1])
+    out[:, :, P:] = y.permute(0, 2, 3, 1).reshape(B, R, h * w, -1)
+    if P:
+        centre = weight[:, :, k // 2, k // 2]  # (C', C / groups)
+        prefix = x[:, :, :P] @ centre.t() if groups == 1 else x[:, :, :P] * centre.view(-1)  # (B, R, P, C')
+        out[:, :, :P] = prefix if bias is None else prefix + bias
+    return out.permute(0, 3, 1, 2) if dim == -1 else out.permute(0, 3, 2, 1)  # (B, C', N, M)
 
 
 def reduce(t: Tensor, weight: Tensor, bias: Optional[Tensor] = None, out: Optional[Tensor] = None) -> Tensor:

@@ -66,6 +66,7 @@ def refine_vit(
         refine_mode: str = 'inverted_residual',
         expansion_ratio: int = 3,
         refine_kernel_size: int = 3,
+        refine_layout: str = 'raster',
 ) -> nn.Module:
     """Give chosen blocks of a timm ``VisionTransformer`` (vit_*, deit_*) refined attention, in place.
 
@@ -75,6 +76,7 @@ def refine_vit(
         refine_mode: form of the refinement (see :class:`refiner.layers.DistributedLocalAttention`).
         expansion_ratio: attention expansion r.
         refine_kernel_size: k of the distributed local attention.
+        refine_layout: ``'raster'``, ``'spatial_keys'`` or ``'spatial'`` (over the model's token grid).
 
     Returns the same model; ``model.refined_blocks`` lists the blocks that changed, and
     ``model.pretrained_cfg['refiner']`` records the settings. Outputs are unchanged until trained.
@@ -82,6 +84,12 @@ def refine_vit(
     if not hasattr(model, 'blocks') or not isinstance(model.blocks, (nn.Sequential, nn.ModuleList)):
         raise TypeError(f'refine_vit needs a timm VisionTransformer-like model (.blocks), got {type(model).__name__}')
     indices = _block_indices(blocks, len(model.blocks))
+    # the token grid of the spatial layouts: the patch embedding's (other sizes: a square grid is inferred)
+    patch_embed = getattr(model, 'patch_embed', None)
+    grid_size = getattr(patch_embed, 'grid_size', None)
+    grid_size = tuple(grid_size) if grid_size is not None and not getattr(patch_embed, 'dynamic_img_size', False) \
+        else None
+    prefix_tokens = int(getattr(model, 'num_prefix_tokens', 1))
     for i in indices:
         old = getattr(model.blocks[i], 'attn', None)
         if not isinstance(old, Attention):
@@ -93,7 +101,8 @@ def refine_vit(
             raise TypeError(f'block {i}: attention width {old.attn_dim} differs from the token width {dim}')
         refine = DistributedLocalAttention(
             old.num_heads, expansion_ratio=expansion_ratio, refine_kernel_size=refine_kernel_size,
-            mode=refine_mode, residual=True, zero_init_last=True)
+            mode=refine_mode, residual=True, zero_init_last=True, refine_layout=refine_layout,
+            grid_size=grid_size, num_prefix_tokens=prefix_tokens)
         new = RefinedTimmAttention(
             dim, old.num_heads, qkv_bias=old.qkv.bias is not None, refine=refine,
             qk_norm=not isinstance(old.q_norm, nn.Identity), attn_drop=old.attn_drop.p, proj_drop=old.proj_drop.p)
@@ -105,7 +114,7 @@ def refine_vit(
         model.blocks[i].attn = new
     model.refined_blocks = indices
     settings = dict(blocks=indices, refine_mode=refine_mode, expansion_ratio=expansion_ratio,
-                    refine_kernel_size=refine_kernel_size)
+                    refine_kernel_size=refine_kernel_size, refine_layout=refine_layout)
     if isinstance(getattr(model, 'pretrained_cfg', None), dict):
         model.pretrained_cfg = dict(model.pretrained_cfg, refiner=settings)
     return model
@@ -114,7 +123,7 @@ def refine_vit(
 @register_model
 def refined_vit(pretrained: bool = False, base_model: str = 'deit_small_patch16_224',
                 refine_blocks: Union[str, int, List[int]] = 'all', refine_mode: str = 'inverted_residual',
-                expansion_ratio: int = 3, refine_kernel_size: int = 3,
+                expansion_ratio: int = 3, refine_kernel_size: int = 3, refine_layout: str = 'raster',
                 pretrained_cfg: Optional[Dict[str, Any]] = None,
                 pretrained_cfg_overlay: Optional[Dict[str, Any]] = None, cache_dir: Optional[str] = None,
                 pretrained_model_args: Optional[Dict[str, Any]] = None,
@@ -128,7 +137,7 @@ def refined_vit(pretrained: bool = False, base_model: str = 'deit_small_patch16_
         raise ValueError(f'base_model {base_model!r}: expected a timm ViT model name such as deit_small_patch16_224')
     model = timm.create_model(base_model, **kwargs)
     refine_vit(model, refine_blocks, refine_mode=refine_mode, expansion_ratio=expansion_ratio,
-               refine_kernel_size=refine_kernel_size)
+               refine_kernel_size=refine_kernel_size, refine_layout=refine_layout)
     cfg = dict(model.pretrained_cfg)
     cfg.pop('refiner', None)
     cfg.update(pretrained_cfg or {}, **(pretrained_cfg_overlay or {}))
@@ -137,7 +146,8 @@ def refined_vit(pretrained: bool = False, base_model: str = 'deit_small_patch16_
     # what create_model records to rebuild the model (timm's save_for_hf writes it as model_args)
     model._model_args = dict(getattr(model, '_model_args', {}), base_model=base_model,
                              refine_blocks=model.refined_blocks, refine_mode=refine_mode,
-                             expansion_ratio=expansion_ratio, refine_kernel_size=refine_kernel_size)
+                             expansion_ratio=expansion_ratio, refine_kernel_size=refine_kernel_size,
+                             refine_layout=refine_layout)
     if pretrained:
         load_pretrained(model, pretrained_cfg=cfg, num_classes=model.num_classes, in_chans=kwargs.get('in_chans', 3),
                         cache_dir=cache_dir)

@@ -16,7 +16,7 @@ Supported models: anything with ``model.blocks[i].attn`` being
 Maps are (B, H, N, N): rows are queries, columns keys, N = P prefix tokens (the class token) then
 the h×w patch tokens in row-major order.
 """
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -73,8 +73,10 @@ def _softmax_map(attn: nn.Module, x: torch.Tensor, prev: Optional[torch.Tensor])
     return RF.attention_map(q, k, prev, attn.scale)  # (B, H, N, N)
 
 
-def refine_stages(attn: RefinedAttention, prev: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """The stages of refining ``prev`` (B, H, N, N) with ``attn.refine`` (eval mode, no gradients).
+def refine_stages(attn: RefinedAttention, prev: torch.Tensor,
+                  grid_size: Optional[Tuple[int, int]] = None) -> Dict[str, torch.Tensor]:
+    """The stages of refining ``prev`` (B, H, N, N) with ``attn.refine`` (eval mode, no gradients;
+    ``grid_size``: the token grid, for a spatial refinement).
 
     Returns ``before`` (the input map), the stages of
     :meth:`refiner.layers.DistributedLocalAttention.stages` (``expanded``, ``local``, ``reduced``:
@@ -85,7 +87,7 @@ def refine_stages(attn: RefinedAttention, prev: torch.Tensor) -> Dict[str, torch
     if dla is None:
         raise AnalysisError('this attention module does not refine its maps (refine is None)')
     with torch.no_grad():
-        return {'before': prev, **dla.stages(prev), 'refined': attn.refined_map(prev)}
+        return {'before': prev, **dla.stages(prev, grid_size), 'refined': attn.refined_map(prev, grid_size)}
 
 
 @torch.no_grad()
@@ -105,10 +107,12 @@ def attention_maps(model: nn.Module, images: torch.Tensor, stages: bool = True) 
     def make_hook(i: int):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             x = args[0] if args else kwargs['x']
-            prev = None
+            prev, grid = None, None
             if isinstance(module, RefinedAttention) and not isinstance(module, RefinedTimmAttention):
-                prev = args[1] if len(args) > 1 else kwargs.get('prev_attn')  # forward(x, prev_attn)
-            captured[i] = (x, prev, output)
+                # forward(x, prev_attn, grid_size)
+                prev = args[1] if len(args) > 1 else kwargs.get('prev_attn')
+                grid = args[2] if len(args) > 2 else kwargs.get('grid_size')
+            captured[i] = (x, prev, grid, output)
         return hook
 
     handles = [m.register_forward_hook(make_hook(i), with_kwargs=True) for i, m in enumerate(mods)]
@@ -124,7 +128,7 @@ def attention_maps(model: nn.Module, images: torch.Tensor, stages: bool = True) 
     for i, attn in enumerate(mods):
         if i not in captured:
             raise AnalysisError(f'block {i} of model {_model_name(model)} did not run in the forward pass')
-        x, prev, output = captured[i]
+        x, prev, grid, output = captured[i]
         kind = block_kind(attn)
         entry: Dict[str, Any] = {'block': i, 'kind': kind}
         if kind == 'refining':
@@ -136,7 +140,7 @@ def attention_maps(model: nn.Module, images: torch.Tensor, stages: bool = True) 
         if kind == 'attention':
             entry['attn'] = before
         else:
-            st = refine_stages(attn, before)
+            st = refine_stages(attn, before, grid)
             entry['attn'] = st.pop('refined')
             if stages:
                 entry.update(st)

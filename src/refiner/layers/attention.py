@@ -50,7 +50,8 @@ class RefinedAttention(nn.Module):
         attn_drop: dropout on the map that aggregates V.
         proj_drop: dropout after the output projection.
 
-    ``forward(x, prev_attn)`` returns ``(out, attn_to_hand_on)``.
+    ``forward(x, prev_attn, grid_size)`` returns ``(out, attn_to_hand_on)``; ``grid_size``, the (h, w)
+    token grid, is what a spatial refinement needs (see :class:`DistributedLocalAttention`).
     """
 
     def __init__(
@@ -88,14 +89,15 @@ class RefinedAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         self.use_kernels = use_kernels()  # refiner.kernels in eager mode (False: the reference code)
 
-    def forward(self, x: torch.Tensor, prev_attn: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, prev_attn: Optional[torch.Tensor] = None,
+                grid_size: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         B, N, C = x.shape
         if self.reuse_attn:
             if prev_attn is None:
                 raise ValueError('a refining block needs the attention map of a previous block')
             v = self.qkv(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, N, d)
             attn = prev_attn  # handed on unchanged
-            out = self._aggregate_refined(prev_attn, v)
+            out = self._aggregate_refined(prev_attn, v, grid_size)
         else:
             q, k, v = self.project_qkv(x)
             if self.refine is None:
@@ -104,7 +106,7 @@ class RefinedAttention(nn.Module):
                 out = aggregated
             else:
                 _, attn = self._attend(q, k, None, prev_attn)
-                out = self._aggregate_refined(attn, v)
+                out = self._aggregate_refined(attn, v, grid_size)
         out = out.transpose(1, 2).reshape(B, N, C)  # (B, H, N, d) -> (B, N, C)
         out = self.proj_drop(self.proj(out))
         return out, attn
@@ -125,20 +127,21 @@ class RefinedAttention(nn.Module):
         out = self.attn_drop(attn) @ v if v is not None else None
         return out, attn
 
-    def refined_map(self, attn: torch.Tensor) -> torch.Tensor:
+    def refined_map(self, attn: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         """The map that aggregates V: scale · norm(refine(attn)), (B, H, N, N)."""
         assert self.refine is not None
-        refined = self.refine_norm(self.refine(attn))
+        refined = self.refine_norm(self.refine(attn, grid_size))
         if self.refine_scale != 1.0:
             refined = refined * self.refine_scale
         return refined
 
-    def _aggregate_refined(self, attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _aggregate_refined(self, attn: torch.Tensor, v: torch.Tensor,
+                           grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         if not torch.jit.is_scripting() and self._kernels_apply(attn, v):
-            out = self._aggregate_refined_kernel(attn, v)
+            out = self._aggregate_refined_kernel(attn, v, grid_size)
             if out is not None:
                 return out
-        return self.attn_drop(self.refined_map(attn)) @ v
+        return self.attn_drop(self.refined_map(attn, grid_size)) @ v
 
     # the kernels of refiner.kernels: same results, less time and memory (eager only)
 
@@ -159,7 +162,8 @@ class RefinedAttention(nn.Module):
         return attention_handover(q, k, v, prev_attn, self.scale)
 
     @torch.jit.unused
-    def _aggregate_refined_kernel(self, attn: torch.Tensor, v: torch.Tensor) -> Optional[torch.Tensor]:
+    def _aggregate_refined_kernel(self, attn: torch.Tensor, v: torch.Tensor,
+                                  grid_size: Optional[Tuple[int, int]]) -> Optional[torch.Tensor]:
         """The refinement kernel's result, or None where this configuration has none."""
         refine, norm = self.refine, self.refine_norm
         assert refine is not None
@@ -175,20 +179,23 @@ class RefinedAttention(nn.Module):
             assert refine.expand is not None and refine.local is not None and refine.reduce is not None
             return refine_aggregate_train(attn, v, refine.expand.weight, refine.local.weight, refine.reduce.weight,
                                           states, self.refine_scale, update)
-        if refine.training or (isinstance(norm, nn.BatchNorm2d) and norm.training):
-            return None  # training-mode batch statistics couple the samples
-        return refine_aggregate_eval(attn, v, lambda a: norm(refine(a)), refine.kernel_size // 2,
-                                     refine.expanded_heads, self.refine_scale)
+        halo = refine.query_halo
+        if refine.training or (isinstance(norm, nn.BatchNorm2d) and norm.training) or halo is None:
+            return None  # training-mode batch statistics couple the samples; a query-grid kernel couples all rows
+        grid = None if refine.refine_layout == 'raster' else refine.resolve_grid(attn.shape[-1], grid_size)
+        return refine_aggregate_eval(attn, v, lambda a: norm(refine(a, grid)), halo, refine.expanded_heads,
+                                     self.refine_scale)
 
     @torch.jit.unused
     def _training_kernel_norms(self) -> Optional[List[nn.BatchNorm2d]]:
         """The BatchNorms the training kernel takes over (expansion, local, reduction [, post norm]),
-        or None unless this is the authors' inverted residual, unfolded, in training mode."""
+        or None unless this is the authors' inverted residual (raster), unfolded, in training mode."""
         refine, norm = self.refine, self.refine_norm
         assert refine is not None
         norms = [refine.expand_norm, refine.local_norm, refine.reduce_norm] + ([] if isinstance(norm, nn.Identity)
                                                                                 else [norm])
-        fits = (refine.mode == 'inverted_residual' and not refine.reparameterized and refine.training
+        fits = (refine.mode == 'inverted_residual' and refine.refine_layout == 'raster' and not refine.reparameterized
+                and refine.training
                 and refine.residual_scale is None and refine.activated
                 and all(c is not None and c.bias is None for c in (refine.expand, refine.local, refine.reduce))
                 and all(_is_training_batchnorm(m) for m in norms))

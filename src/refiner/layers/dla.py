@@ -17,6 +17,19 @@ Three forms (``mode``):
 - ``'linear'``: the paper's equations, W_R · DWConv_k · W_A, all linear (optional residual).
 - ``'conv'``: one dense k×k convolution across heads, H → H (optional residual).
 
+Two token layouts of the local convolution (``refine_layout``):
+
+- ``'raster'``: the released code's: the k×k window runs over the N×N map in flattened token
+  order, so a key's neighbours are the previous and next tokens of the row-major grid (wrapping
+  across row ends), the class token included, and vertical neighbours are out of reach.
+- ``'spatial_keys'``: each query's map over the keys is an h×w image, convolved on the token grid
+  (the authors' unused "spatial constraints" variant); queries are not mixed.
+- ``'spatial'``: the same over the keys, then a depthwise k×k convolution over the query grid.
+
+In the spatial layouts the class token is a 1×1 grid of its own (see
+:func:`refiner.functional.grid_conv`): its row and column are weighted by the kernels' centre
+taps, so it keeps no weights of its own and its map is not blurred into the patches'.
+
 The 1×1 convolutions run as matrix products over the head axis, and the expanded maps live
 channels-last, (B, N, N, H') in memory, where oneDNN's depthwise convolution is fast; input and
 output stay head-major, (B, H, N, N), as the products with V want them. In training the expanded
@@ -27,7 +40,8 @@ the BatchNorms (and an affine that follows the module) into the convolutions for
 
 The stages themselves are :mod:`refiner.functional`'s, which the kernels and the analysis call too.
 """
-from typing import Dict, Optional
+import math
+from typing import Dict, Optional, Tuple
 
 import torch
 from timm.layers import register_notrace_module
@@ -37,9 +51,10 @@ from .. import functional as RF
 from ..kernels import eager_mode, recompute, use_kernels
 from .norm import BatchNorm2d, conv_like, fold_batchnorm
 
-__all__ = ['DistributedLocalAttention', 'REFINE_MODES']
+__all__ = ['DistributedLocalAttention', 'REFINE_LAYOUTS', 'REFINE_MODES']
 
 REFINE_MODES = ('inverted_residual', 'linear', 'conv')
+REFINE_LAYOUTS = ('raster', 'spatial_keys', 'spatial')
 
 
 @register_notrace_module  # fx treats it as a leaf: its training path holds a checkpoint
@@ -54,8 +69,12 @@ class DistributedLocalAttention(nn.Module):
         residual: add the input map to the output; the inverted residual always does.
         zero_init_last: initialise the last layer to zero so that the module starts as the identity
             (needs a residual); used when refining a pretrained transformer.
+        refine_layout: ``'raster'`` (authors' code), ``'spatial_keys'`` or ``'spatial'``, see above.
+        grid_size: the (h, w) token grid of the spatial layouts when ``forward`` is not given one
+            (default: a square grid inferred from the map's size).
+        num_prefix_tokens: tokens before the grid (the class token) in the spatial layouts.
 
-    Shape: (B, H, N, M) -> (B, H, N, M).
+    Shape: (B, H, N, M) -> (B, H, N, M); ``forward(attn, grid_size=None)``.
     """
 
     def __init__(
@@ -66,10 +85,15 @@ class DistributedLocalAttention(nn.Module):
             mode: str = 'inverted_residual',
             residual: bool = True,
             zero_init_last: bool = False,
+            refine_layout: str = 'raster',
+            grid_size: Optional[Tuple[int, int]] = None,
+            num_prefix_tokens: int = 1,
     ) -> None:
         super().__init__()
         if mode not in REFINE_MODES:
             raise ValueError(f'refine mode must be one of {REFINE_MODES}, got {mode!r}')
+        if refine_layout not in REFINE_LAYOUTS:
+            raise ValueError(f'refine_layout must be one of {REFINE_LAYOUTS}, got {refine_layout!r}')
         if refine_kernel_size < 1 or refine_kernel_size % 2 == 0:
             raise ValueError(f'refine_kernel_size must be a positive odd number, got {refine_kernel_size}')
         if expansion_ratio < 1:
@@ -80,6 +104,10 @@ class DistributedLocalAttention(nn.Module):
         self.mode = mode
         self.residual = residual or mode == 'inverted_residual'
         self.kernel_size = refine_kernel_size
+        self.refine_layout = refine_layout
+        self.grid_size: Optional[Tuple[int, int]] = None if grid_size is None else (int(grid_size[0]),
+                                                                                    int(grid_size[1]))
+        self.num_prefix_tokens = num_prefix_tokens
         k, H = refine_kernel_size, num_heads
         E = self.expanded_heads = H if mode == 'conv' else H * expansion_ratio
         if mode == 'conv':
@@ -90,6 +118,9 @@ class DistributedLocalAttention(nn.Module):
             self.expand = nn.Conv2d(H, E, 1, bias=False)  # W_A
             self.local = nn.Conv2d(E, E, k, padding=k // 2, groups=E, bias=False)  # distributed local attention
             self.reduce = nn.Conv2d(E, H, 1, bias=False)  # W_R
+        # spatial: the local stage's second convolution, over the query grid (depthwise)
+        self.local_query = nn.Conv2d(E, E, k, padding=k // 2, groups=E, bias=False) if refine_layout == 'spatial' \
+            else None
         with_norm = mode == 'inverted_residual'
         self.expand_norm = BatchNorm2d(E) if with_norm else nn.Identity()
         self.local_norm = BatchNorm2d(E) if with_norm else nn.Identity()
@@ -105,14 +136,48 @@ class DistributedLocalAttention(nn.Module):
 
     def zero_init_last(self) -> None:
         """Zero the last layer so that, with the residual, the module starts as the identity."""
-        last = self.reduce_norm if isinstance(self.reduce_norm, nn.BatchNorm2d) else (self.conv or self.reduce)
+        if isinstance(self.reduce_norm, nn.BatchNorm2d):
+            last = self.reduce_norm
+        else:
+            last = self.reduce if self.reduce is not None else (self.local_query or self.conv)
         nn.init.zeros_(last.weight)
 
-    def _refine(self, attn: torch.Tensor, stages: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
+    @property
+    def query_halo(self) -> Optional[int]:
+        """How many query rows on either side one output row reads (None: all of them)."""
+        return {'raster': self.kernel_size // 2, 'spatial_keys': 0}.get(self.refine_layout)
+
+    def resolve_grid(self, num_tokens: int, grid_size: Optional[Tuple[int, int]] = None) -> Tuple[int, int]:
+        """The (h, w) token grid of maps over ``num_tokens`` tokens: the one given, the module's,
+        or a square one; a ValueError when none fits."""
+        P = self.num_prefix_tokens
+        grid = grid_size if grid_size is not None else self.grid_size
+        if grid is None:
+            side = int(math.sqrt(float(max(num_tokens - P, 0))) + 0.5)
+            grid = (side, side)
+        if grid[0] * grid[1] + P != num_tokens:
+            raise ValueError(
+                f'spatial DLA ({self.refine_layout}): maps over {num_tokens} tokens do not fit a {grid[0]}x{grid[1]} '
+                f'token grid with {P} prefix token(s); pass grid_size (h, w) for a grid that is not square')
+        return int(grid[0]), int(grid[1])
+
+    def _local(self, t: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+               grid: Optional[Tuple[int, int]]) -> torch.Tensor:
+        """The local stage in this module's token layout (before its norm)."""
+        if grid is None:
+            return RF.local_conv(t, weight, bias)
+        t = RF.grid_conv(t, weight, bias, grid, self.num_prefix_tokens, dim=-1)
+        if self.local_query is not None:
+            t = RF.grid_conv(t, self.local_query.weight, self.local_query.bias, grid, self.num_prefix_tokens, dim=-2)
+        return t
+
+    def _refine(self, attn: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None,
+                stages: Optional[Dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """The chain on attn (B, H, N, M); with ``stages`` given, each stage's output is recorded there."""
+        grid = None if self.refine_layout == 'raster' else self.resolve_grid(attn.shape[-1], grid_size)
         if self.conv is not None:
-            out = RF.local_conv(attn.contiguous(memory_format=torch.channels_last), self.conv.weight,
-                                self.conv.bias).contiguous()  # (B, H, N, M)
+            out = self._local(attn.contiguous(memory_format=torch.channels_last), self.conv.weight, self.conv.bias,
+                              grid).contiguous()  # (B, H, N, M)
             if stages is not None:
                 stages['local'] = out.clone()
         else:
@@ -121,7 +186,7 @@ class DistributedLocalAttention(nn.Module):
             t = self._act(self.expand_norm(t))
             if stages is not None:
                 stages['expanded'] = t
-            t = self._act(self.local_norm(RF.local_conv(t, self.local.weight, self.local.bias)))  # stays channels-last
+            t = self._act(self.local_norm(self._local(t, self.local.weight, self.local.bias, grid)))
             if stages is not None:
                 stages['local'] = t
             out = self.reduce_norm(RF.reduce(t, self.reduce.weight, self.reduce.bias))  # (B, H, N, M)
@@ -138,13 +203,13 @@ class DistributedLocalAttention(nn.Module):
         return RF.activation(t, inplace=True) if self.activated else t
 
     @torch.no_grad()
-    def stages(self, attn: torch.Tensor) -> Dict[str, torch.Tensor]:
+    def stages(self, attn: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> Dict[str, torch.Tensor]:
         """The output of every stage of refining attn (B, H, N, M), as the forward computes them:
         ``expanded`` (H' maps after expansion [+ norm + act]; absent in the one-conv form),
         ``local`` (after the k×k local convolution [+ norm + act]) and ``reduced`` (after the
         reduction [+ norm] + residual, the module's output)."""
         stages: Dict[str, torch.Tensor] = {}
-        self._refine(attn, stages)
+        self._refine(attn, grid_size, stages)
         return stages
 
     @torch.jit.unused
@@ -152,10 +217,10 @@ class DistributedLocalAttention(nn.Module):
         # under torch.compile / export the compiler plans recomputation itself
         return self.use_kernels and self.training and torch.is_grad_enabled() and eager_mode(attn)
 
-    def forward(self, attn: torch.Tensor) -> torch.Tensor:
+    def forward(self, attn: torch.Tensor, grid_size: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         if not torch.jit.is_scripting() and self._recompute_applies(attn):
-            return recompute(self._refine, attn)
-        return self._refine(attn)
+            return recompute(self._refine, attn, grid_size)
+        return self._refine(attn, grid_size)
 
     @torch.no_grad()
     def reparameterize(self, out_scale: Optional[torch.Tensor] = None,
@@ -173,8 +238,8 @@ class DistributedLocalAttention(nn.Module):
         ref = (self.conv or self.expand).weight
         scale = torch.ones(H, dtype=ref.dtype, device=ref.device) if out_scale is None else out_scale.to(ref)
         shift = torch.zeros(H, dtype=ref.dtype, device=ref.device) if out_shift is None else out_shift.to(ref)
-        if self.mode == 'linear':
-            # W_R · DW · W_A  ==  one dense k×k conv: K[o, i] = sum_e W_R[o, e] · w_e · W_A[e, i]
+        if self.mode == 'linear' and self.local_query is None:
+            # W_R · DW · W_A  ==  one dense k×k conv (in either layout): K[o, i] = sum_e W_R[o, e] · w_e · W_A[e, i]
             assert self.expand is not None and self.local is not None and self.reduce is not None
             w_a, w_r = self.expand.weight.flatten(1), self.reduce.weight.flatten(1)  # (E, H), (H, E)
             kernel = torch.einsum('oe,ekl,ei->oikl', w_r, self.local.weight[:, 0], w_a)
@@ -183,6 +248,12 @@ class DistributedLocalAttention(nn.Module):
             conv.weight.copy_(kernel)
             self.conv, self.expand, self.local, self.reduce = conv, None, None, None
             self.mode = 'conv'
+        if self.conv is not None and self.local_query is not None:
+            # fold the affine into the last convolution, the one over the query grid; keep the residual
+            w, b = fold_batchnorm(self.local_query, nn.Identity())
+            self.local_query = conv_like(self.local_query, w * scale.view(-1, 1, 1, 1), b * scale + shift)
+            self._scale_residual(scale)
+            return
         if self.conv is not None:
             # fold the affine (and the residual, as the kernel's centre tap) into the one convolution
             weight = self.conv.weight * scale.view(-1, 1, 1, 1)
@@ -195,15 +266,23 @@ class DistributedLocalAttention(nn.Module):
             return
         assert self.expand is not None and self.local is not None and self.reduce is not None
         self.expand = conv_like(self.expand, *fold_batchnorm(self.expand, self.expand_norm))
-        self.local = conv_like(self.local, *fold_batchnorm(self.local, self.local_norm))
+        if self.local_query is not None:  # the local stage's norm follows its second convolution
+            self.local_query = conv_like(self.local_query, *fold_batchnorm(self.local_query, self.local_norm))
+        else:
+            self.local = conv_like(self.local, *fold_batchnorm(self.local, self.local_norm))
         w, b = fold_batchnorm(self.reduce, self.reduce_norm)
         self.reduce = conv_like(self.reduce, w * scale.view(-1, 1, 1, 1), b * scale + shift)
         self.expand_norm, self.local_norm, self.reduce_norm = nn.Identity(), nn.Identity(), nn.Identity()
+        self._scale_residual(scale)
+
+    def _scale_residual(self, scale: torch.Tensor) -> None:
+        """The residual after an affine with this per-head scale was folded into the output."""
         if self.residual:
             res = scale if self.residual_scale is None else scale * self.residual_scale
             if not torch.equal(res, torch.ones_like(res)):
                 self.residual_scale = res.clone()
 
     def extra_repr(self) -> str:
-        return f'mode={self.mode}, heads={self.num_heads}, expanded={self.expanded_heads}, k={self.kernel_size}'
+        return (f'mode={self.mode}, layout={self.refine_layout}, heads={self.num_heads}, '
+                f'expanded={self.expanded_heads}, k={self.kernel_size}')
 

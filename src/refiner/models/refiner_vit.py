@@ -147,6 +147,7 @@ class RefinerBlock(nn.Module):
             refine_mode: Union[str, Sequence[str]] = 'inverted_residual',
             expansion_ratio: int = 3,
             refine_kernel_size: int = 3,
+            refine_layout: str = 'raster',
             init_values: Optional[float] = 1e-5,
             norm_eps: float = 4e-6,
             proj_drop: float = 0.,
@@ -160,7 +161,8 @@ class RefinerBlock(nn.Module):
         refine_module = None
         if reuse_attn or refine_own_map:
             refine_module = DistributedLocalAttention(
-                num_heads, expansion_ratio=expansion_ratio, refine_kernel_size=refine_kernel_size, mode=refine_mode)
+                num_heads, expansion_ratio=expansion_ratio, refine_kernel_size=refine_kernel_size, mode=refine_mode,
+                refine_layout=refine_layout)
         self.attn = RefinedAttention(
             dim, num_heads, qkv_bias=qkv_bias, reuse_attn=reuse_attn, refine=refine_module,
             refine_norm=reuse_attn, attn_drop=attn_drop, proj_drop=proj_drop)
@@ -171,8 +173,9 @@ class RefinerBlock(nn.Module):
         self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
         self.use_kernels = use_kernels()  # the lean MLP below (refiner.kernels)
 
-    def forward(self, x: torch.Tensor, prev_attn: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        y, attn = self.attn(self.norm1(x), prev_attn)
+    def forward(self, x: torch.Tensor, prev_attn: Optional[torch.Tensor] = None,
+                grid_size: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        y, attn = self.attn(self.norm1(x), prev_attn, grid_size)
         x = x + self.drop_path1(y)
         x = x + self.drop_path2(self._mlp(self.norm2(x)))
         return x, attn
@@ -230,6 +233,9 @@ class RefinerViT(nn.Module):
             blocks, or one per block (entries of non-refining blocks are ignored).
         expansion_ratio: attention expansion r (H' = r·H).
         refine_kernel_size: k of the distributed local attention.
+        refine_layout: token layout of the local convolution: ``'raster'`` (the released models),
+            ``'spatial_keys'`` or ``'spatial'`` (over the 2-D token grid), see
+            :class:`DistributedLocalAttention`.
         init_values: MLP layer-scale init (None: no layer scale).
         block_norm_eps: LayerNorm eps in the blocks (4e-6 reproduces the authors' LN(0.5·x, 1e-6)).
         attn_handover: attention blocks add s·(the previous block's map), as the released models do;
@@ -254,6 +260,7 @@ class RefinerViT(nn.Module):
             refine_mode: str = 'inverted_residual',
             expansion_ratio: int = 3,
             refine_kernel_size: int = 3,
+            refine_layout: str = 'raster',
             init_values: Optional[float] = 1e-5,
             block_norm_eps: float = 4e-6,
             attn_handover: bool = True,
@@ -298,6 +305,7 @@ class RefinerViT(nn.Module):
             RefinerBlock(
                 embed_dim, num_heads, mlp_ratio=mlp_ratio, qkv_bias=qkv_bias, reuse_attn=refine_blocks[i],
                 refine_mode=modes[i], expansion_ratio=expansion_ratio, refine_kernel_size=refine_kernel_size,
+                refine_layout=refine_layout,
                 init_values=init_values, norm_eps=block_norm_eps, proj_drop=proj_drop_rate,
                 attn_drop=attn_drop_rate, drop_path=dpr[i])
             for i in range(depth)])
@@ -367,10 +375,11 @@ class RefinerViT(nn.Module):
         return self.pos_drop(x + pos_embed)
 
     def _run_blocks(
-            self, x: torch.Tensor, take_indices: Optional[List[int]] = None, max_index: int = -1,
-            keep_maps: bool = False,
+            self, x: torch.Tensor, grid_size: Tuple[int, int], take_indices: Optional[List[int]] = None,
+            max_index: int = -1, keep_maps: bool = False,
     ) -> Tuple[torch.Tensor, List[torch.Tensor], List[torch.Tensor]]:
-        """Blocks in turn, each handing its attention map to the next. Returns the tokens, the
+        """Blocks in turn on tokens x (B, N, C) of an h×w ``grid_size``, each handing its attention map
+        to the next. Returns the tokens, the
         outputs of the blocks in ``take_indices`` and, with ``keep_maps``, the maps the blocks handed
         on (else none: in training, a map that no block keeps for backward is freed once handed on)."""
         intermediates: List[torch.Tensor] = []
@@ -380,10 +389,10 @@ class RefinerViT(nn.Module):
             if max_index < 0 or i <= max_index:  # (TorchScript allows no break here)
                 prev = attn if self.attn_handover or self.refine_blocks[i] else None
                 if self.grad_checkpointing and not torch.jit.is_scripting():
-                    x, a = checkpoint(blk, x, prev, use_reentrant=False)
+                    x, a = checkpoint(blk, x, prev, grid_size, use_reentrant=False)
                     forget_recipe(a)  # the next block's checkpoint keeps the map as its input
                 else:
-                    x, a = blk(x, prev)
+                    x, a = blk(x, prev, grid_size)
                 attn = a
                 if keep_maps:
                     maps.append(a)
@@ -392,8 +401,8 @@ class RefinerViT(nn.Module):
         return x, intermediates, maps
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._pos_embed(self.patch_embed(x))  # (B, N, C)
-        x, _, _ = self._run_blocks(x)
+        grid = self.patch_embed(x)  # (B, h, w, C)
+        x, _, _ = self._run_blocks(self._pos_embed(grid), (grid.shape[1], grid.shape[2]))  # (B, N, C)
         return self.norm(x)
 
     def forward_intermediates(
@@ -420,8 +429,9 @@ class RefinerViT(nn.Module):
             raise ValueError("output_fmt must be 'NCHW' or 'NLC'")
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
         B, _, height, width = x.shape
-        x = self._pos_embed(self.patch_embed(x))
-        x, intermediates, _ = self._run_blocks(x, take_indices, max_index if stop_early else -1)
+        grid = self.patch_embed(x)  # (B, h, w, C)
+        x, intermediates, _ = self._run_blocks(self._pos_embed(grid), (grid.shape[1], grid.shape[2]), take_indices,
+                                               max_index if stop_early else -1)
         if norm:
             intermediates = [self.norm(y) for y in intermediates]
         prefix_tokens = [y[:, 0:self.num_prefix_tokens] for y in intermediates]
@@ -498,7 +508,7 @@ class RefinerViT(nn.Module):
             top, left, bottom, right = mix_box
             grid = grid.clone()
             grid[:, top:bottom, left:right] = grid.flip(0)[:, top:bottom, left:right]
-        x, _, maps = self._run_blocks(self._pos_embed(grid), keep_maps=return_attn)
+        x, _, maps = self._run_blocks(self._pos_embed(grid), (grid.shape[1], grid.shape[2]), keep_maps=return_attn)
         x = self.norm(x)
         out: Dict[str, Any] = {'logits': self.head(self.head_drop(self.pool(x)))}
         if self.aux_head is not None:
