@@ -19,8 +19,9 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-__all__ = ['BenchConfig', 'run_bench', 'measure', 'gemm_gflops', 'format_table']
+__all__ = ['BenchConfig', 'count_flops', 'run_bench', 'measure', 'gemm_gflops', 'format_table']
 
 
 @dataclass
@@ -48,10 +49,31 @@ def _current_rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 20
 
 
+def count_flops(model: torch.nn.Module, img_size: int, in_chans: int = 3) -> int:
+    """FLOPs of one image's forward pass (eval mode, no autograd; a multiply-add counts 2), with
+    ``torch.utils.flop_counter``. The CPU's fused attention kernel, which that counter does not
+    know, is counted like the other scaled-dot-product kernels."""
+    def cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, **kwargs) -> int:
+        return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+    custom = {}
+    cpu_sdpa = getattr(torch.ops.aten, '_scaled_dot_product_flash_attention_for_cpu', None)
+    if cpu_sdpa is not None:
+        custom[cpu_sdpa] = cpu_sdpa_flops
+    was_training = model.training
+    device = next(model.parameters()).device
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
+            model(torch.zeros(1, in_chans, img_size, img_size, device=device))
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
 def measure(cfg: BenchConfig) -> Dict[str, Any]:
     """Run one configuration in this process; returns step times, throughput and memory."""
     import timm
-    from torch.utils.flop_counter import FlopCounterMode
 
     import refiner  # noqa: F401  (registers refiner_vit_*)
     if cfg.threads:
@@ -65,9 +87,7 @@ def measure(cfg: BenchConfig) -> Dict[str, Any]:
     model = timm.create_model(cfg.model, img_size=cfg.img_size, **cfg.model_args).to(device)
     params = sum(p.numel() for p in model.parameters())
     x = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model.eval()(x[:1])
-    flops = fc.get_total_flops()  # forward, one image
+    flops = count_flops(model, cfg.img_size)  # forward, one image
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == 'bf16')
     check = None
     if cfg.mode == 'infer':

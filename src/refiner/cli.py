@@ -174,29 +174,49 @@ def _predict(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------- ablate
 
 def _ablate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument('--study', metavar='NAME',
+                   help='a shipped study (see --list-studies) or a YAML study file: its arms, base overrides, '
+                        'fractions, seeds and epochs')
+    p.add_argument('--list-studies', action='store_true', help='list the shipped studies and exit')
+    p.add_argument('--arm', action='append', default=[], metavar='NAME[:KEY=VALUE,...]',
+                   help="an arm: a name and config overrides (YAML values; model_args.KEY sets one model "
+                        "argument, model_args merge into the base's), e.g. r1:model_args.expansion_ratio=1; "
+                        "repeatable, added to the study's arms")
+    p.add_argument('--models', nargs='+', choices=['refiner', 'vit', 'convstem_vit'],
+                   help='built-in arms: the base Refiner, a plain ViT of matched shape, the Refiner without '
+                        'refinement (default without --study or --arm: refiner vit)')
     p.add_argument('--data', help='dataset (default: the embedded digits)')
-    p.add_argument('--fractions', type=float, nargs='+', default=[0.05, 0.1, 0.25, 1.0])
-    p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-    p.add_argument('--models', nargs='+', default=['refiner', 'vit'], choices=['refiner', 'vit', 'convstem_vit'])
-    p.add_argument('--config', help="recipe of the Refiner arm (default: 'default' on digits)")
-    p.add_argument('--epochs', type=int, help="the full-data run's epochs (the budget; default: the recipe's)")
-    p.add_argument('--out', default='runs/ablate')
-    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE', help='override any config key')
+    p.add_argument('--fractions', type=float, nargs='+', help="fractions of the training split (default: the "
+                                                               "study's, else 0.05 0.1 0.25 1)")
+    p.add_argument('--seeds', type=int, nargs='+', help="default: the study's, else 0 1 2")
+    p.add_argument('--config', help="recipe every arm starts from (default: 'default' on digits)")
+    p.add_argument('--epochs', type=int, help="the full-data run's epochs (the budget; default: the study's, "
+                                              "else the recipe's)")
+    p.add_argument('--out', help='folder of the runs and results (default: runs/ablate/<study>, else runs/ablate)')
+    p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
+                   help="override any config key for every arm (YAML value; the arms' own overrides win)")
     p.add_argument('--no-progress', action='store_true')
 
 
 def _ablate(args: argparse.Namespace) -> int:
-    from .ablate import run_ablation
-    from .config import parse_set
-    if any(not 0 < f <= 1 for f in args.fractions):
+    from .ablate import list_studies, run_ablation
+    from .config import ConfigError, parse_set
+    if args.list_studies:
+        for name, description in list_studies():
+            print(f'{name}: {description}')
+        return 0
+    if args.fractions and any(not 0 < f <= 1 for f in args.fractions):
         raise UsageError(f'--fractions must lie in (0, 1], got {args.fractions}')
-    overrides = parse_set(args.set)
-    if args.epochs:
-        overrides['epochs'] = args.epochs
-    report = run_ablation(args.data, args.fractions, args.seeds, args.out, args.models, args.config, overrides,
-                          progress=not args.no_progress)
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError(f'--epochs must be >= 1, got {args.epochs}')
+    try:
+        report = run_ablation(args.data, args.fractions, args.seeds, args.out, args.models, args.config,
+                              parse_set(args.set), progress=not args.no_progress, study=args.study, arms=args.arm,
+                              epochs=args.epochs)
+    except ConfigError as e:  # a study, an arm or an override that is not valid: the user's input
+        raise UsageError(str(e)) from None
     print(report['table'])
-    print(f'results: {args.out}/ablation.json, ablation.md, ablation.png')
+    print(f'results: {report["out"]}/ablation.json, ablation.md, ablation.png')
     return 0
 
 
@@ -309,7 +329,8 @@ COMMANDS: Dict[str, tuple] = {
     'train': (_train_args, _train, 'train or resume a model (default: Refiner-ViT on the embedded digits)'),
     'eval': (_eval_args, _eval, 'evaluate a run, a weights file or an original checkpoint'),
     'predict': (_predict_args, _predict, 'classify image files and folders with any weights'),
-    'ablate': (_ablate_args, _ablate, 'data efficiency: Refiner vs a plain ViT on fractions of the training set'),
+    'ablate': (_ablate_args, _ablate, 'ablations under a matched budget: shipped studies or your own arms, on '
+                                      'fractions of the training set'),
     'bench': (_bench_args, _bench, 'images/s and peak memory against a timm reference, in one run'),
     'export': (_export_args, _export, 'export to ONNX, TorchScript or a timm / Hub model folder, checked after'),
     'convert': (_convert_args, _convert, 'convert an original Refiner checkpoint to safetensors'),

@@ -1,0 +1,196 @@
+"""refiner ablate: every shipped study end to end on tiny settings, reuse of finished runs, a changed
+arm refused, the FLOPs count, bad input."""
+import json
+
+import pytest
+import timm
+import torch
+import yaml
+
+from refiner.ablate import arm_configs, count_flops, list_studies, load_study
+from refiner.cli import main
+from refiner.config import load_recipe
+
+# one fraction, one seed, a budget of one epoch, two classes, a narrow model (depth kept: the
+# blocks study names every block): a second or two per run (half the data: two epochs of 4 steps)
+TINY = ['--fractions', '0.5', '--seeds', '0', '--epochs', '1', '--no-progress', '--set', 'classes=[0,1]',
+        '--set', 'batch_size=32', '--set', 'ema=false', '--set', 'model_args.embed_dim=32',
+        '--set', 'model_args.num_heads=2']
+STUDIES = [name for name, _ in list_studies()]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models gain nothing from a second thread, and on a shared CPU lose a lot to it."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _ablate(capsys, *args):
+    code = main(['ablate', *map(str, args)])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def _mtimes(root):
+    return {p: p.stat().st_mtime_ns for p in sorted(root.rglob('*')) if p.is_file() and p.parent != root}
+
+
+def test_shipped_studies():
+    assert {'expansion', 'kernel', 'dla_form', 'spatial', 'blocks', 'refinement', 'grid8_refinement',
+            'grid8_spatial', 'grid8_expansion'} <= set(STUDIES)
+    for name in STUDIES:
+        study = load_study(name)
+        assert study.description and len(study.arms) >= 2
+        assert study.fractions == [0.1, 1.0] and study.seeds == [0, 1, 2] and 10 <= study.epochs <= 40
+        if name.startswith('grid8'):
+            assert study.base['img_size'] == 32  # patch 4: an 8x8 token grid
+
+
+@pytest.mark.parametrize('name', STUDIES)
+def test_every_arm_builds_at_full_size(name):
+    """The arms as the study trains them (default recipe): each model builds, runs, and differs."""
+    recipe = load_recipe('default')
+    built = {}
+    for arm, cfg in arm_configs(study=name).items():
+        size = cfg.img_size or 16
+        model = timm.create_model(cfg.model, img_size=size, num_classes=10, **cfg.model_args).eval()
+        with torch.no_grad():
+            assert model(torch.zeros(2, 3, size, size)).shape == (2, 10)
+        grid = size // cfg.model_args['patch_size']
+        assert grid == (8 if name.startswith('grid8') else 4)
+        built[arm] = (cfg.model, cfg.model_args)
+        if cfg.model == recipe['model']:  # the arm's model_args merge into the recipe's
+            assert cfg.model_args['patch_size'] == recipe['model_args']['patch_size']
+    assert len({json.dumps(v, sort_keys=True) for v in built.values()}) == len(built)
+
+
+@pytest.mark.parametrize('name', STUDIES)
+def test_study_end_to_end_and_reused(name, tmp_path, capsys):
+    out = tmp_path / name
+    tiny = TINY + ([] if name == 'blocks' else ['--set', 'model_args.depth=2'])  # blocks lists 6 blocks
+    code, stdout, err = _ablate(capsys, '--study', name, '--out', out, *tiny)
+    assert code == 0, err
+    report = json.loads((out / 'ablation.json').read_text())
+    arms = [a.name for a in load_study(name).arms]
+    assert report['arms'] == arms and set(report['models']) == set(arms)
+    table = (out / 'ablation.md').read_text()
+    assert table.splitlines()[0].startswith('| arm | params | MFLOPs | train img/s | 0.5 of train |')
+    for arm in arms:
+        m = report['models'][arm]
+        assert m['params'] > 0 and m['flops'] > 0 and m['train_images_per_s'] > 0
+        (run,) = m['runs']['0.5']
+        assert run['seed'] == 0 and 0 <= run['top1'] <= 100 and run['images_per_s'] > 0
+        assert report['top1'][arm]['0.5'] == [run['top1']]
+        assert (out / f'{arm}-f0.5-s0' / 'summary.json').is_file()
+        assert any(line.startswith(f'| {arm} (') for line in table.splitlines())
+    assert (out / 'ablation.png').stat().st_size > 1000 and table.splitlines()[0] in stdout
+    # a second invocation trains nothing: every run file stays as it was, the numbers too
+    before = _mtimes(out)
+    code, _, err = _ablate(capsys, '--study', name, '--out', out, *tiny)
+    assert code == 0, err
+    assert _mtimes(out) == before
+    assert json.loads((out / 'ablation.json').read_text())['top1'] == report['top1']
+
+
+def test_arms_from_the_command_line_changed_arm_refused(tmp_path, capsys):
+    out = tmp_path / 'cli'
+    args = ['--out', out, *TINY, '--fractions', '1', '--seeds', '0', '1']
+    code, _, err = _ablate(capsys, *args, '--arm', 'wide:model_args.expansion_ratio=1',
+                           '--arm', 'blocks:model_args={refine_blocks: [false, true, true, true, true, true]},lr=1e-3')
+    assert code == 0, err
+    report = json.loads((out / 'ablation.json').read_text())
+    assert report['arms'] == ['wide', 'blocks'] and report['reference'] == 'wide'
+    cfg = yaml.safe_load((out / 'blocks-f1-s0' / 'config.yaml').read_text())
+    # model_args merge into the recipe's and the --set ones; the arm's own keys win
+    assert cfg['model_args']['refine_blocks'] == [False] + [True] * 5 and cfg['model_args']['patch_size'] == 4
+    assert cfg['model_args']['embed_dim'] == 32 and cfg['lr'] == 1e-3
+    # two seeds: a standard deviation and the within-spread verdict against the reference
+    stats = report['models']['blocks']['stats']['1']
+    assert stats['n'] == 2 and stats['std'] is not None and isinstance(stats['within_spread'], bool)
+    assert abs(stats['diff'] - (stats['mean'] - report['models']['wide']['stats']['1']['mean'])) < 1e-9
+    assert '±' in (out / 'ablation.md').read_text()
+
+    # the same name, another definition: refused before anything trains, naming the run and the key
+    before = _mtimes(out)
+    code, _, err = _ablate(capsys, *args, '--arm', 'wide:model_args.expansion_ratio=2')
+    assert code == 2 and 'wide-f1-s0' in err and 'expansion_ratio' in err and 'Traceback' not in err
+    assert len(err.strip().splitlines()) == 1
+    # a run without the ablation's record (an earlier version's) is compared through its config.yaml
+    (out / 'wide-f1-s0' / 'ablation_arm.json').unlink()
+    code, _, err = _ablate(capsys, *args, '--arm', 'wide:model_args.expansion_ratio=2')
+    assert code == 2 and 'wide-f1-s0' in err and 'expansion_ratio' in err
+    del before[out / 'wide-f1-s0' / 'ablation_arm.json']
+    assert _mtimes(out) == before
+    # and the unchanged definition is still reused
+    code, _, err = _ablate(capsys, *args, '--arm', 'wide:model_args.expansion_ratio=1')
+    assert code == 0, err
+    assert json.loads((out / 'ablation.json').read_text())['top1'] == {'wide': report['top1']['wide']}
+
+
+def test_started_run_is_continued(tmp_path, capsys):
+    out = tmp_path / 'resume'
+    args = ['--out', out, *TINY, '--set', 'model_args.depth=2', '--arm', 'a']
+    assert _ablate(capsys, *args)[0] == 0
+    top1 = json.loads((out / 'ablation.json').read_text())['top1']
+    # as if killed before its first checkpoint: config.yaml written, nothing else
+    run = out / 'a-f0.5-s0'
+    for name in ('summary.json', 'checkpoint.pt', 'model.safetensors', 'metrics.jsonl'):
+        (run / name).unlink()
+    code, stdout, err = _ablate(capsys, *args)
+    assert code == 0, err
+    assert 'starting the run from the beginning' in stdout
+    # the same run again (CPU training is deterministic)
+    assert json.loads((out / 'ablation.json').read_text())['top1'] == top1
+
+
+def test_list_studies(capsys):
+    code, out, _ = _ablate(capsys, '--list-studies')
+    assert code == 0
+    lines = out.strip().splitlines()
+    assert [line.split(':')[0] for line in lines] == STUDIES
+    assert all(len(line.split(': ', 1)[1]) > 10 for line in lines)
+
+
+@pytest.mark.parametrize('args, words', [
+    (['--study', 'no_such_study'], ['no_such_study', 'expansion']),
+    (['--arm', 'a:no_such_key=1'], ['--arm a', 'no_such_key']),
+    (['--arm', 'a:model_args'], ['--arm', 'key=value']),
+    (['--arm', 'a/b:lr=1'], ['a/b']),
+    (['--arm', 'a:model_args.no_such_arg=1'], ["'a'", 'no_such_arg']),
+    (['--arm', 'a:seed=3'], ['seed', 'ablation']),
+    (['--set', 'no_such_key=1'], ['no_such_key']),
+    (['--fractions', '0', '1'], ['fractions']),
+])
+def test_bad_input_one_sentence(args, words, tmp_path, capsys):
+    code, _, err = _ablate(capsys, '--out', tmp_path / 'bad', '--no-progress', *args)
+    assert code == 2 and 'Traceback' not in err and len(err.strip().splitlines()) == 1
+    assert all(w in err for w in words), err
+    assert not (tmp_path / 'bad').exists()  # nothing trained, nothing written
+
+
+def test_bad_study_file(tmp_path, capsys):
+    path = tmp_path / 'mine.yaml'
+    path.write_text('description: x\narms: {a: {}}\nfractons: [0.5]\n')
+    code, _, err = _ablate(capsys, '--study', path, '--no-progress')
+    assert code == 2 and 'fractons' in err
+    path.write_text('description: x\narms: {a: {model_args: {expansion_ratio: 1}}, b: {bogus: 1}}\n')
+    code, _, err = _ablate(capsys, '--study', path, '--no-progress')
+    assert code == 2 and "'b'" in err and 'bogus' in err
+
+
+def test_flops_count_is_plausible_and_kernel_independent():
+    # the default Refiner: more than the linear layers' 2·params·tokens (the conv stem, attention), not wildly
+    model = timm.create_model('refiner_vit_nano', img_size=16, patch_size=4, num_classes=10)
+    params, tokens = sum(p.numel() for p in model.parameters()), 4 * 4 + 1
+    assert 1.0 < count_flops(model, 16) / (2 * params * tokens) < 3.0
+    assert model.training  # the count puts the model back as it was
+    # a timm ViT: its fused attention kernel is counted like the explicit matmuls
+    vit = timm.create_model('vit_tiny_patch16_224', img_size=32, patch_size=4, embed_dim=64, depth=2, num_heads=2,
+                            num_classes=10)
+    fused = count_flops(vit, 32)
+    for block in vit.blocks:
+        block.attn.fused_attn = False
+    assert count_flops(vit, 32) == fused
