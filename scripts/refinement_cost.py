@@ -23,7 +23,7 @@ from refiner.bench import BenchConfig, measure
 def _measure_child(cfg: BenchConfig, free_refinement: bool) -> None:
     if free_refinement:
         from refiner.layers.attention import RefinedAttention
-        RefinedAttention._aggregate_refined = lambda self, attn, v: attn @ v
+        RefinedAttention._aggregate_refined = lambda self, attn, v, grid_size=None: attn @ v
     print('BENCH' + json.dumps(measure(cfg)))
 
 
