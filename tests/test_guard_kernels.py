@@ -144,7 +144,7 @@ def test_refine_aggregate_gradcheck(budget):
               dla.reduce_norm.bias, norm.weight, norm.bias]
     params = [p.detach().clone().requires_grad_() for p in params]
     states = _states(dla, norm)
-    meta = (states, 0.6, 1, False, None)  # scale, halo, no running-statistics update, no recipe
+    meta = (states, 0.6, refinement._LocalStage(None, 1, 1), False, None)  # raster, no statistics update, no recipe
 
     def f(a, v, *p):
         return refinement._RefineAggregate.apply(meta, a, v, *p)
@@ -154,6 +154,21 @@ def test_refine_aggregate_gradcheck(budget):
     out = kernels.refine_aggregate_train(a, v, dla.expand.weight, dla.local.weight, dla.reduce.weight, states, 0.6,
                                          update_stats=False)
     assert type(out.grad_fn).__name__ == '_RefineAggregateBackward'
+
+
+def test_refine_aggregate_on_the_key_grid_gradcheck(budget):
+    """The training refinement with its local convolution over the keys' 2×3 token grid (spatial
+    DLA; the class token by the centre tap): all gradients against finite differences."""
+    dla, norm = _refining_pair()
+    a = torch.softmax(torch.randn(2, 2, 7, 7, dtype=torch.double), -1).requires_grad_()
+    v = torch.randn(2, 2, 7, 3, dtype=torch.double, requires_grad=True)
+    params = [dla.expand.weight, dla.expand_norm.weight, dla.expand_norm.bias, dla.local.weight,
+              dla.local_norm.weight, dla.local_norm.bias, dla.reduce.weight, dla.reduce_norm.weight,
+              dla.reduce_norm.bias, norm.weight, norm.bias]
+    params = [p.detach().clone().requires_grad_() for p in params]
+    meta = (_states(dla, norm), 0.6, refinement._LocalStage((2, 3), 1, 0), False, None)
+    assert torch.autograd.gradcheck(lambda a, v, *p: refinement._RefineAggregate.apply(meta, a, v, *p),
+                                    (a, v, *params), **budget)
 
 
 def test_refine_aggregate_of_a_rebuilt_map_gradcheck(budget):

@@ -175,3 +175,16 @@ def test_analysis_shows_the_spatial_stages():
     bn = model.blocks[1].attn.refine_norm
     expected = bn(refining[0]['reduced']) * model.blocks[1].attn.refine_scale
     torch.testing.assert_close(refining[0]['attn'], expected)
+
+
+@pytest.mark.parametrize('layout,kernel_runs', [('raster', True), ('spatial_keys', True), ('spatial', False)])
+def test_which_layouts_train_in_the_kernel(monkeypatch, layout, kernel_runs):
+    """The training kernel serves the key-grid layout (no query mixing) as it serves raster order;
+    the query-grid layout trains on the reference path (its expanded maps recomputed)."""
+    from refiner.layers import attention
+    calls = []
+    original = attention.refine_aggregate_train
+    monkeypatch.setattr(attention, 'refine_aggregate_train', lambda *a, **k: calls.append(1) or original(*a, **k))
+    model = timm.create_model('refiner_vit_nano', num_classes=5, img_size=(12, 20), refine_layout=layout).train()
+    model(torch.randn(2, 3, 12, 20)).sum().backward()
+    assert (len(calls) == 3) == kernel_runs, calls

@@ -15,7 +15,7 @@ expanded maps: for q = W·a, mean(q) = W·μ_a and var(q) = diag(W·Σ_a·Wᵀ).
 handed-over map (or its recipe, :mod:`refiner.kernels.handover`) and per-channel
 statistics are saved.
 """
-from typing import Callable, NamedTuple, Sequence, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
@@ -39,16 +39,41 @@ class BatchNormState(NamedTuple):
     eps: float
 
 
+class _LocalStage(NamedTuple):
+    """The local convolution of the chain in the maps' token layout: raster order (``grid_size``
+    None; it reads ``pad`` query rows around each row) or the keys' token grid."""
+    grid_size: Optional[Tuple[int, int]]
+    num_prefix_tokens: int
+    pad: int
+
+    def __call__(self, t: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+        if self.grid_size is None:
+            return RF.local_conv(t, weight, bias)
+        return RF.grid_conv(t, weight, bias, self.grid_size, self.num_prefix_tokens, dim=-1)
+
+    def backward(self, grad: Tensor, t: Tensor, weight: Tensor) -> Tuple[Tensor, Tensor]:
+        """dL/dt and dL/dweight of the grid convolution of one tile, by autograd on the tile."""
+        with torch.enable_grad():
+            t, weight = t.detach().requires_grad_(), weight.detach().requires_grad_()
+            gt, gw = torch.autograd.grad(self(t, weight), (t, weight), grad)
+        return gt, gw
+
+
 def refine_aggregate_train(attn: Tensor, v: Tensor, expand_weight: Tensor, local_weight: Tensor,
                            reduce_weight: Tensor, norms: Sequence[BatchNormState], scale: float,
-                           update_stats: bool = True) -> Tensor:
+                           update_stats: bool = True, grid_size: Optional[Tuple[int, int]] = None,
+                           num_prefix_tokens: int = 1) -> Tensor:
     """``(scale · BN_a(DLA(attn))) @ v`` with training BatchNorms, attn (B, H, N, N), v (B, H, N, d).
 
     ``norms``: the expansion's, the local stage's and the reduction's BatchNorms, then optionally
     the post norm BN_a. ``update_stats``: fold the batch statistics into the running estimates
-    (False while a checkpointed forward is recomputed)."""
+    (False while a checkpointed forward is recomputed). ``grid_size``: the local convolution runs
+    over the keys' token grid (spatial DLA, ``refiner.functional.grid_conv``) instead of in raster
+    order; it mixes no query rows."""
     attn, v = float32(attn, v)
-    meta = (tuple(norms), scale, local_weight.shape[-1] // 2, update_stats, recipe_of(attn))
+    pad = local_weight.shape[-1] // 2 if grid_size is None else 0  # query rows one output row reads around it
+    local = _LocalStage(grid_size, num_prefix_tokens, pad)
+    meta = (tuple(norms), scale, local, update_stats, recipe_of(attn))
     post = norms[3] if len(norms) == 4 else None
     with torch.autocast(attn.device.type, enabled=False):
         return _RefineAggregate.apply(
@@ -83,7 +108,8 @@ class _RefineAggregate(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, meta, a, v, w1, g1, b1, w2, g2, b2, w3, g3, b3, ga, ba):
-        bns, scale, pad, update, recipe = meta
+        bns, scale, local, update, recipe = meta
+        pad = local.pad
         B, H, N, M = a.shape
         n = B * N * M
         E = w1.shape[0]
@@ -101,7 +127,7 @@ class _RefineAggregate(torch.autograd.Function):
         for i, j, r0, r1 in tiles:
             lo, hi = halo(r0, r1, pad, N)  # input rows of output rows r0..r1
             t1 = RF.activation(RF.expand(a[i:j, :, lo:hi], w1s, h1), inplace=True)
-            p2 = _rows(RF.local_conv(t1, w2)[:, :, r0 - lo:r1 - lo])
+            p2 = _rows(local(t1, w2)[:, :, r0 - lo:r1 - lo])
             sums[0] += _col_sums(p2)
             sums[1] += _col_dots(p2, p2)
         mean2, var2 = _mean_var(sums[0], sums[1], n, a.dtype)
@@ -113,7 +139,7 @@ class _RefineAggregate(torch.autograd.Function):
         for i, j, r0, r1 in tiles:
             lo, hi = halo(r0, r1, pad, N)
             t1 = RF.activation(RF.expand(a[i:j, :, lo:hi], w1s, h1), inplace=True)
-            u = RF.activation(RF.local_conv(t1, w2s, h2)[:, :, r0 - lo:r1 - lo], inplace=True)
+            u = RF.activation(local(t1, w2s, h2)[:, :, r0 - lo:r1 - lo], inplace=True)
             sums += _head_sums(RF.reduce(u, w3m, out=o[i:j, :, r0:r1]))
         mean3, var3 = _mean_var(sums[0], sums[1], n, a.dtype)
         s3, h3, _ = _affine(g3, b3, mean3, var3, bns[2].eps)
@@ -155,7 +181,8 @@ class _RefineAggregate(torch.autograd.Function):
     @staticmethod
     @without_autocast
     def backward(ctx, grad_out):
-        bns, scale, pad = ctx.meta
+        bns, scale, local = ctx.meta
+        pad = local.pad
         a, q, k, prev, v, w1, g1, b1, w2, g2, b2, w3, g3, b3, ga, ba, mu, cov, *stats = ctx.saved_tensors
         if a is None:
             a = Recipe(q, k, prev, *ctx.recipe_args).rebuild()
@@ -184,7 +211,7 @@ class _RefineAggregate(torch.autograd.Function):
             lo, hi = halo(r0, r1, pad, N)
             z = RF.expand(a[i:j, :, lo:hi], w1s, h1)
             t1 = RF.activation(z)
-            p2 = _rows(RF.local_conv(t1, w2)[:, :, r0 - lo:r1 - lo])
+            p2 = _rows(local(t1, w2)[:, :, r0 - lo:r1 - lo])
             return z, t1, p2, torch.addcmul(h2, p2, s2), lo
 
         def reduced(u: Tensor, i: int, j: int, r0: int, r1: int) -> Tuple[Tensor, Tensor]:
@@ -265,7 +292,9 @@ class _RefineAggregate(torch.autograd.Function):
             gp2 = gp2.view(b, e1 - e0, M, E).permute(0, 3, 1, 2)
             t1 = t1[:, :, e0 - lo:e1 - lo]  # the rows e0..e1 that the convolution's weight sees
             conv_args = (w2, None, [1, 1], [pad, pad], [1, 1], False, [0, 0], E)
-            if (e0, e1) == (r0, r1):  # the whole map
+            if local.grid_size is not None:  # the keys' grid: no halo rows
+                gt1, gw2 = local.backward(gp2, t1, w2)
+            elif (e0, e1) == (r0, r1):  # the whole map
                 gt1, gw2, _ = torch.ops.aten.convolution_backward(gp2, t1, *conv_args, [True, True, False])
             else:  # the halo rows' own weight gradient belongs to the neighbouring slabs
                 gt1 = torch.ops.aten.convolution_backward(gp2, t1, *conv_args, [True, False, False])[0]

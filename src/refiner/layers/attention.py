@@ -177,8 +177,9 @@ class RefinedAttention(nn.Module):
                     m.num_batches_tracked.add_(1)
             states = [BatchNormState(m.weight, m.bias, m.running_mean, m.running_var, m.momentum, m.eps) for m in norms]
             assert refine.expand is not None and refine.local is not None and refine.reduce is not None
+            grid = None if refine.refine_layout == 'raster' else refine.resolve_grid(attn.shape[-1], grid_size)
             return refine_aggregate_train(attn, v, refine.expand.weight, refine.local.weight, refine.reduce.weight,
-                                          states, self.refine_scale, update)
+                                          states, self.refine_scale, update, grid, refine.num_prefix_tokens)
         halo = refine.query_halo
         if refine.training or (isinstance(norm, nn.BatchNorm2d) and norm.training) or halo is None:
             return None  # training-mode batch statistics couple the samples; a query-grid kernel couples all rows
@@ -189,12 +190,14 @@ class RefinedAttention(nn.Module):
     @torch.jit.unused
     def _training_kernel_norms(self) -> Optional[List[nn.BatchNorm2d]]:
         """The BatchNorms the training kernel takes over (expansion, local, reduction [, post norm]),
-        or None unless this is the authors' inverted residual (raster), unfolded, in training mode."""
+        or None unless this is the authors' inverted residual (raster or over the keys' grid), unfolded, in
+        training mode."""
         refine, norm = self.refine, self.refine_norm
         assert refine is not None
         norms = [refine.expand_norm, refine.local_norm, refine.reduce_norm] + ([] if isinstance(norm, nn.Identity)
                                                                                 else [norm])
-        fits = (refine.mode == 'inverted_residual' and refine.refine_layout == 'raster' and not refine.reparameterized
+        fits = (refine.mode == 'inverted_residual' and refine.refine_layout in ('raster', 'spatial_keys')
+                and not refine.reparameterized
                 and refine.training
                 and refine.residual_scale is None and refine.activated
                 and all(c is not None and c.bias is None for c in (refine.expand, refine.local, refine.reduce))
