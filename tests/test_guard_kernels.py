@@ -128,6 +128,14 @@ def _refining_pair():
     return dla, norm
 
 
+def _kernel_params(dla, norm):
+    """The training kernel's eleven parameter tensors, detached copies that require gradients."""
+    params = [dla.expand.weight, dla.expand_norm.weight, dla.expand_norm.bias, dla.local.weight,
+              dla.local_norm.weight, dla.local_norm.bias, dla.reduce.weight, dla.reduce_norm.weight,
+              dla.reduce_norm.bias, norm.weight, norm.bias]
+    return [p.detach().clone().requires_grad_() for p in params]
+
+
 def _states(dla, norm):
     return [kernels.BatchNormState(m.weight, m.bias, m.running_mean, m.running_var, m.momentum, m.eps)
             for m in (dla.expand_norm, dla.local_norm, dla.reduce_norm, norm)]
@@ -139,10 +147,7 @@ def test_refine_aggregate_gradcheck(budget):
     dla, norm = _refining_pair()
     a = torch.softmax(torch.randn(2, 2, 6, 6, dtype=torch.double), -1).requires_grad_()
     v = torch.randn(2, 2, 6, 3, dtype=torch.double, requires_grad=True)
-    params = [dla.expand.weight, dla.expand_norm.weight, dla.expand_norm.bias, dla.local.weight,
-              dla.local_norm.weight, dla.local_norm.bias, dla.reduce.weight, dla.reduce_norm.weight,
-              dla.reduce_norm.bias, norm.weight, norm.bias]
-    params = [p.detach().clone().requires_grad_() for p in params]
+    params = _kernel_params(dla, norm)
     states = _states(dla, norm)
     meta = (states, 0.6, refinement._LocalStage(None, 1, 1), False, None)  # raster, no statistics update, no recipe
 
@@ -162,10 +167,7 @@ def test_refine_aggregate_on_the_key_grid_gradcheck(budget):
     dla, norm = _refining_pair()
     a = torch.softmax(torch.randn(2, 2, 7, 7, dtype=torch.double), -1).requires_grad_()
     v = torch.randn(2, 2, 7, 3, dtype=torch.double, requires_grad=True)
-    params = [dla.expand.weight, dla.expand_norm.weight, dla.expand_norm.bias, dla.local.weight,
-              dla.local_norm.weight, dla.local_norm.bias, dla.reduce.weight, dla.reduce_norm.weight,
-              dla.reduce_norm.bias, norm.weight, norm.bias]
-    params = [p.detach().clone().requires_grad_() for p in params]
+    params = _kernel_params(dla, norm)
     meta = (_states(dla, norm), 0.6, refinement._LocalStage((2, 3), 1, 0), False, None)
     assert torch.autograd.gradcheck(lambda a, v, *p: refinement._RefineAggregate.apply(meta, a, v, *p),
                                     (a, v, *params), **budget)
