@@ -21,6 +21,8 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
+from .devices import model_dtype, resolve_model_dtype
+
 __all__ = ['BenchConfig', 'count_flops', 'run_bench', 'measure', 'gemm_gflops', 'format_table']
 
 
@@ -32,6 +34,7 @@ class BenchConfig:
     img_size: int = 224
     device: str = 'cpu'
     amp: str = 'none'  # 'none' or 'bf16'
+    model_dtype: str = 'float32'  # the weights' and inputs' dtype, no autocast (timm's --model-dtype)
     compile: bool = False
     reparameterize: bool = True  # fold BatchNorms and scales for inference (timm.utils.reparameterize_model)
     steps: int = 5
@@ -65,7 +68,7 @@ def count_flops(model: torch.nn.Module, img_size: int, in_chans: int = 3) -> int
     model.eval()
     try:
         with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=custom) as counter:
-            model(torch.zeros(1, in_chans, img_size, img_size, device=device))
+            model(torch.zeros(1, in_chans, img_size, img_size, device=device, dtype=model_dtype(model)))
     finally:
         model.train(was_training)
     return int(counter.get_total_flops())
@@ -84,9 +87,10 @@ def measure(cfg: BenchConfig) -> Dict[str, Any]:
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
         base_cuda = torch.cuda.memory_allocated(device)
-    model = timm.create_model(cfg.model, img_size=cfg.img_size, **cfg.model_args).to(device)
+    dtype = resolve_model_dtype(cfg.model_dtype)
+    model = timm.create_model(cfg.model, img_size=cfg.img_size, **cfg.model_args).to(device, dtype)
     params = sum(p.numel() for p in model.parameters())
-    x = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device)
+    x = torch.randn(cfg.batch_size, 3, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
     flops = count_flops(model, cfg.img_size)  # forward, one image
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp == 'bf16')
     check = None
@@ -98,7 +102,7 @@ def measure(cfg: BenchConfig) -> Dict[str, Any]:
             model = timm.utils.reparameterize_model(model)
             with torch.no_grad():
                 out = model(x[:2])
-            check = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))
+            check = float((out - ref).abs().max() / ref.abs().max().clamp_min(1e-12))  # in the model's dtype
         run = torch.compile(model) if cfg.compile else model
 
         def step():
@@ -185,13 +189,14 @@ def run_bench(configs: List[BenchConfig], reference: Optional[str] = 'deit_small
             if all(asdict(ref) != asdict(o) for o in all_cfgs):
                 all_cfgs.append(ref)
     device = configs[0].device if configs else 'cpu'
-    bf16 = bool(configs) and configs[0].amp == 'bf16'
-    roofline = gemm_gflops(device=device, dtype=torch.bfloat16 if bf16 else torch.float32)
+    # the practical roofline of each precision measured: the matrix products' dtype
+    rooflines = {name: gemm_gflops(device=device, dtype=resolve_model_dtype(name))
+                 for name in dict.fromkeys(_compute_dtype(c) for c in all_cfgs)}
     runs: Dict[int, List[Dict[str, Any]]] = {i: [] for i in range(len(all_cfgs))}
     for r in range(rounds):
         for i, c in enumerate(all_cfgs):
             if progress:
-                print(f'round {r + 1}/{rounds}: {c.model} {c.mode} batch {c.batch_size} {c.img_size}px'
+                print(f'round {r + 1}/{rounds}: {c.model} {c.mode} batch {c.batch_size} {c.img_size}px {c.model_dtype}'
                       + (' compiled' if c.compile else ''), file=sys.stderr, flush=True)
             runs[i].append(_measure_in_subprocess(c, timeout))
     rows = []
@@ -207,7 +212,7 @@ def run_bench(configs: List[BenchConfig], reference: Optional[str] = 'deit_small
                    peak_mem_mb=statistics.median(m['peak_mem_mb'] for m in ok), device_name=ok[0].get('device_name'))
         work = row['gflops_per_image'] * (3 if c.mode == 'train' else 1)
         row['achieved_gflops'] = work * row['images_per_s']
-        row['roofline_fraction'] = row['achieved_gflops'] / roofline
+        row['roofline_fraction'] = row['achieved_gflops'] / rooflines[_compute_dtype(c)]
         rows.append(row)
     for row in rows:
         if 'error' in row or not reference:
@@ -215,13 +220,18 @@ def run_bench(configs: List[BenchConfig], reference: Optional[str] = 'deit_small
         c = row['config']
         ref = next((o for o in rows if 'error' not in o and o['config']['model'] == reference
                     and all(o['config'][k] == c[k] for k in ('mode', 'batch_size', 'img_size', 'device', 'amp',
-                                                               'compile'))), None)
+                                                               'model_dtype', 'compile'))), None)
         if ref is not None:
             row['speed_ratio'] = row['images_per_s'] / ref['images_per_s']
             row['mem_ratio'] = row['peak_mem_mb'] / ref['peak_mem_mb']
-    return {'rows': rows, 'gemm_gflops': roofline, 'reference': reference, 'rounds': rounds,
+    return {'rows': rows, 'gemm_gflops': rooflines, 'reference': reference, 'rounds': rounds,
             'threads': torch.get_num_threads(), 'torch': torch.__version__,
             'cpu': _cpu_name(), 'time': time.strftime('%Y-%m-%d %H:%M:%S')}
+
+
+def _compute_dtype(cfg: BenchConfig) -> str:
+    """The dtype of a configuration's matrix products: bfloat16 under bf16 autocast, else the model's."""
+    return 'bfloat16' if cfg.amp == 'bf16' else cfg.model_dtype
 
 
 def _cpu_name() -> str:
@@ -235,25 +245,26 @@ def _cpu_name() -> str:
 
 
 def format_table(report: Dict[str, Any]) -> str:
-    lines = ['| model | mode | batch | size | params | GFLOPs | images/s | × ref | peak MB | × ref mem | '
-             'GFLOP/s (% roofline) |', '|' + ' --- |' * 11]
+    lines = ['| model | mode | precision | batch | size | params | GFLOPs | images/s | × ref | peak MB | × ref mem | '
+             'GFLOP/s (% roofline) |', '|' + ' --- |' * 12]
     for row in report['rows']:
         c = row['config']
         args = ','.join(f'{k}={v}' for k, v in c.get('model_args', {}).items())
-        name = (c['model'] + (f':{args}' if args else '') + (' (compiled)' if c['compile'] else '')
-                + (' bf16' if c['amp'] == 'bf16' else ''))
+        name = c['model'] + (f':{args}' if args else '') + (' (compiled)' if c['compile'] else '')
         folded = c['mode'] == 'infer' and c['reparameterize'] and c['model'].startswith('refiner')
         mode = c['mode'] + (' (reparameterized)' if folded else '')
+        precision = 'bf16 autocast' if c['amp'] == 'bf16' else c.get('model_dtype', 'float32')
+        head = f'| {name} | {mode} | {precision} | {c["batch_size"]} | {c["img_size"]} |'
         if 'error' in row:
-            lines.append(f'| {name} | {mode} | {c["batch_size"]} | {c["img_size"]} | error: {row["error"][:80]} |'
-                         + ' |' * 6)
+            lines.append(f'{head} error: {row["error"][:80]} |' + ' |' * 6)
             continue
         lines.append(
-            f'| {name} | {mode} | {c["batch_size"]} | {c["img_size"]} | {row["params"] / 1e6:.1f}M | '
+            f'{head} {row["params"] / 1e6:.1f}M | '
             f'{row["gflops_per_image"]:.2f} | {row["images_per_s"]:.1f} | {row.get("speed_ratio", float("nan")):.2f} | '
             f'{row["peak_mem_mb"]:.0f} | {row.get("mem_ratio", float("nan")):.2f} | '
             f'{row["achieved_gflops"]:.0f} ({100 * row["roofline_fraction"]:.0f}%) |')
-    lines.append(f'\nGEMM roofline {report["gemm_gflops"]:.0f} GFLOP/s; {report["threads"]} threads; {report["cpu"]}; '
+    rooflines = ', '.join(f'{dtype} {gflops:.0f}' for dtype, gflops in report['gemm_gflops'].items())
+    lines.append(f'\nGEMM roofline (GFLOP/s) {rooflines}; {report["threads"]} threads; {report["cpu"]}; '
                  f'torch {report["torch"]}; medians over {report["rounds"]} alternating rounds')
     return '\n'.join(lines)
 

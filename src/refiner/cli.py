@@ -15,6 +15,14 @@ class UsageError(Exception):
     pass
 
 
+def _model_dtype_arg(p: argparse.ArgumentParser, several: bool = False) -> None:
+    from .devices import MODEL_DTYPES
+    p.add_argument('--model-dtype', choices=list(MODEL_DTYPES), nargs='+' if several else None,
+                   default=['float32'] if several else None,
+                   help='cast the weights (and inputs) to this dtype, no autocast, as timm\'s --model-dtype'
+                        + ('; several: measured side by side' if several else ' (default: as stored)'))
+
+
 # ---------------------------------------------------------------------------------------- convert
 
 def _convert_args(p: argparse.ArgumentParser) -> None:
@@ -129,12 +137,13 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--workers', type=int, default=0)
     p.add_argument('--confusion', metavar='PNG', help='write the confusion matrix as a PNG')
     p.add_argument('--json', metavar='FILE', help='write the metrics as JSON')
+    _model_dtype_arg(p)
 
 
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_checkpoint, format_report, plot_confusion, save_json
     res = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.ema, args.batch_size, args.device,
-                              args.workers, model_name=args.model)
+                              args.workers, model_name=args.model, dtype=args.model_dtype)
     print(format_report(res))
     if args.confusion:
         print(f'confusion matrix: {plot_confusion(res["confusion"], res["classes"], args.confusion)}')
@@ -157,12 +166,13 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--json', metavar='FILE', help='write every prediction as JSON')
     p.add_argument('--csv', metavar='FILE', help='write one row per image: file, label1, prob1, label2, ...')
     p.add_argument('--no-progress', action='store_true')
+    _model_dtype_arg(p)
 
 
 def _predict(args: argparse.Namespace) -> int:
     from .predict import format_predictions, predict, write_predictions
     res = predict(args.inputs, args.checkpoint, args.topk, args.batch_size, args.device, args.model, args.workers,
-                  progress=not args.no_progress, ema=args.ema)
+                  progress=not args.no_progress, ema=args.ema, dtype=args.model_dtype)
     print(format_predictions(res))
     write_predictions(res, args.json, args.csv)
     for path in (args.json, args.csv):
@@ -234,6 +244,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--no-reparameterize', action='store_true', help='measure inference without re-parameterizing')
     p.add_argument('--device', default='cpu')
     p.add_argument('--amp', choices=['none', 'bf16'], default='none')
+    _model_dtype_arg(p, several=True)
     p.add_argument('--reference', default='deit_small_patch16_224', help="timm model to compare with ('none': skip)")
     p.add_argument('--rounds', type=int, default=3, help='alternating rounds of fresh processes')
     p.add_argument('--steps', type=int, default=5, help='timed steps per process')
@@ -263,10 +274,13 @@ def _bench(args: argparse.Namespace) -> int:
     modes = ([] if args.no_infer else ['infer']) + (['train'] if args.train else [])
     if not modes:
         raise UsageError('nothing to measure: drop --no-infer or add --train')
+    if args.amp != 'none' and args.model_dtype != ['float32']:
+        raise UsageError('--amp runs float32 weights under autocast: drop --amp or --model-dtype')
     configs = [BenchConfig(model=m, model_args=kw, mode=mode, batch_size=b, img_size=s, device=args.device,
-                           amp=args.amp, compile=args.compile, reparameterize=not args.no_reparameterize,
-                           steps=args.steps, warmup=args.warmup)
-               for m, kw in models for mode in modes for b in args.batch_size for s in args.img_size]
+                           amp=args.amp, model_dtype=dtype, compile=args.compile,
+                           reparameterize=not args.no_reparameterize, steps=args.steps, warmup=args.warmup)
+               for m, kw in models for mode in modes for b in args.batch_size for s in args.img_size
+               for dtype in args.model_dtype]
     report = run_bench(configs, None if args.reference == 'none' else args.reference, rounds=args.rounds)
     print(format_table(report))
     path = args.json or f'runs/bench/bench-{time.strftime("%Y%m%d-%H%M%S")}.json'

@@ -1,9 +1,16 @@
-"""Where a command runs: the device, chosen the same way everywhere (``'auto'``: CUDA where there
-is one, else the CPU; ``'cpu'``; ``'cuda'``; ``'cuda:N'``), and sums across torchrun processes."""
+"""Where and in what precision a command runs: the device, chosen the same way everywhere
+(``'auto'``: CUDA where there is one, else the CPU; ``'cpu'``; ``'cuda'``; ``'cuda:N'``), the model's
+dtype as timm's ``--model-dtype`` names it, and sums across torchrun processes."""
+from typing import Optional
+
 import torch
 import torch.distributed as dist
+from torch import nn
 
-__all__ = ['DeviceError', 'resolve_device', 'all_reduce']
+__all__ = ['DeviceError', 'MODEL_DTYPES', 'all_reduce', 'model_dtype', 'resolve_device', 'resolve_model_dtype']
+
+# timm's --model-dtype values (validate.py, train.py, benchmark.py): the weights are cast, no autocast
+MODEL_DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
 
 class DeviceError(ValueError):
@@ -29,3 +36,17 @@ def all_reduce(t: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(t)
     return t
+
+
+def resolve_model_dtype(name: Optional[str]) -> Optional[torch.dtype]:
+    """The torch dtype of a ``--model-dtype`` value (None: leave the model as it is)."""
+    if name is None:
+        return None
+    if name not in MODEL_DTYPES:
+        raise DeviceError(f'--model-dtype {name}: expected one of {", ".join(MODEL_DTYPES)}')
+    return MODEL_DTYPES[name]
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The floating dtype of a model's parameters, which its inputs are cast to (float32 if it has none)."""
+    return next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)

@@ -20,7 +20,7 @@ from .data import (
     collate_skipping,
     eval_transform,
 )
-from .devices import all_reduce, resolve_device
+from .devices import all_reduce, model_dtype, resolve_device, resolve_model_dtype
 from .pretrained import load_model
 
 __all__ = ['evaluate', 'evaluate_checkpoint', 'plot_confusion']
@@ -35,12 +35,13 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, a
     top5 = torch.zeros((), dtype=torch.long)
     loss_sum = torch.zeros((), dtype=torch.float64)
     ctx = torch.autocast(device.type, dtype=torch.bfloat16) if amp == 'bf16' else nullcontext()
+    dtype = model_dtype(model)  # a model cast with --model-dtype takes its inputs in its dtype
     for images, targets, skipped in tqdm(loader, desc='eval', leave=False, disable=not progress):
         if skips is not None:
             skips.add(skipped)
         if images is None:
             continue
-        images, targets = images.to(device), targets.to(device)
+        images, targets = images.to(device, dtype), targets.to(device)
         with ctx:
             logits = model(images).float()
         loss_sum += F.cross_entropy(logits, targets, reduction='sum').double().cpu()
@@ -61,11 +62,13 @@ def evaluate(model: nn.Module, loader, device: torch.device, num_classes: int, a
 
 def evaluate_checkpoint(checkpoint: str, data: Optional[str] = None, split: str = 'val', ema: bool = False,
                         batch_size: int = 64, device: str = 'auto', workers: int = 0,
-                        progress: bool = True, model_name: Optional[str] = None) -> Dict[str, Any]:
+                        progress: bool = True, model_name: Optional[str] = None,
+                        dtype: Optional[str] = None) -> Dict[str, Any]:
     """Evaluate ``checkpoint`` (any source :func:`refiner.pretrained.load_model` reads) on ``data``
-    (default: the run's dataset and classes, else the embedded digits). Returns metrics and classes."""
+    (default: the run's dataset and classes, else the embedded digits), with the weights cast to
+    ``dtype`` ('float32', 'float16', 'bfloat16': timm's ``--model-dtype``). Returns metrics and classes."""
     dev = resolve_device(device)
-    model, info = load_model(checkpoint, model_name=model_name, ema=ema, device=dev)
+    model, info = load_model(checkpoint, model_name=model_name, ema=ema, device=dev, dtype=resolve_model_dtype(dtype))
     run_cfg = info.get('config') or {}
     if data is None:
         data = run_cfg.get('data')
@@ -92,6 +95,7 @@ def evaluate_checkpoint(checkpoint: str, data: Optional[str] = None, split: str 
     skips = SkipLog()
     res = evaluate(model, loader, dev, len(classes), skips=skips, progress=progress)
     res.update(classes=classes, checkpoint=str(checkpoint), data=data or 'digits', split=split,
+               model_dtype=str(model_dtype(model)).replace('torch.', ''),
                skipped_files=len(skips), skipped_paths=sorted(skips.paths)[:100])
     return res
 
@@ -129,7 +133,7 @@ def plot_confusion(confusion: Sequence[Sequence[int]], classes: List[str], path:
 
 
 def format_report(res: Dict[str, Any]) -> str:
-    lines = [f'{res["checkpoint"]} on {res["data"]} ({res["split"]}, {res["n"]} images): '
+    lines = [f'{res["checkpoint"]} on {res["data"]} ({res["split"]}, {res["n"]} images, {res["model_dtype"]}): '
              f'top-1 {res["top1"]:.2f}%, top-5 {res["top5"]:.2f}%, loss {res["loss"]:.4f}']
     if res['skipped_files']:
         lines.append(f'{res["skipped_files"]} unreadable file(s) skipped')

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from .data import IMG_EXTENSIONS, DataError, eval_transform, load_rgb
-from .devices import resolve_device
+from .devices import model_dtype, resolve_device, resolve_model_dtype
 from .fileio import atomic_write, atomic_write_text
 from .pretrained import load_model
 
@@ -85,9 +85,10 @@ def _collate(batch):
 
 @torch.no_grad()
 def predict(inputs: Sequence[str], checkpoint: str, topk: int = 5, batch_size: int = 32, device: str = 'auto',
-            model_name: Optional[str] = None, workers: int = 0, progress: bool = True, ema: bool = False
-            ) -> Dict[str, Any]:
-    """Top-k classes for every readable image under ``inputs``.
+            model_name: Optional[str] = None, workers: int = 0, progress: bool = True, ema: bool = False,
+            dtype: Optional[str] = None) -> Dict[str, Any]:
+    """Top-k classes for every readable image under ``inputs``, the weights cast to ``dtype``
+    ('float32', 'float16', 'bfloat16': timm's ``--model-dtype``; default: as stored).
 
     Returns ``predictions`` (one dict per image: file, top-k labels, indices and probabilities),
     ``skipped`` (unreadable files), ``classes`` and the ``data_config`` used.
@@ -95,7 +96,7 @@ def predict(inputs: Sequence[str], checkpoint: str, topk: int = 5, batch_size: i
     if topk < 1:
         raise DataError(f'--topk must be at least 1, got {topk}')
     dev = resolve_device(device)
-    model, info = load_model(checkpoint, model_name=model_name, ema=ema, device=dev)
+    model, info = load_model(checkpoint, model_name=model_name, ema=ema, device=dev, dtype=resolve_model_dtype(dtype))
     num_classes = getattr(model, 'num_classes', 0)
     if not num_classes:
         raise DataError(f'{checkpoint} has no classifier head (num_classes 0): nothing to predict')
@@ -110,7 +111,7 @@ def predict(inputs: Sequence[str], checkpoint: str, topk: int = 5, batch_size: i
         skipped += [paths[i] for i in bad]
         if images is None:
             continue
-        probs = model(images.to(dev)).float().softmax(-1)
+        probs = model(images.to(dev, model_dtype(model))).float().softmax(-1)
         top = probs.topk(k, dim=-1)
         for i, p, c in zip(index, top.values.tolist(), top.indices.tolist()):
             predictions.append({'file': paths[i], 'labels': [names[j] for j in c], 'indices': c, 'probs': p})

@@ -201,8 +201,8 @@ def create_model(name: str, img_size: Optional[int] = None, **kwargs: Any) -> nn
 
 
 def load_model(src: Union[str, Path, Source], model_name: Optional[str] = None, ema: bool = False,
-               img_size: Optional[int] = None, device: Union[str, torch.device] = 'cpu'
-               ) -> Tuple[nn.Module, Dict[str, Any]]:
+               img_size: Optional[int] = None, device: Union[str, torch.device] = 'cpu',
+               dtype: Optional[torch.dtype] = None) -> Tuple[nn.Module, Dict[str, Any]]:
     """The model a source holds, in eval mode, with its weights loaded exactly.
 
     Args:
@@ -210,6 +210,7 @@ def load_model(src: Union[str, Path, Source], model_name: Optional[str] = None, 
         model_name: the timm model name, needed for a bare weights file (else it must agree with the source's).
         ema: a run's EMA weights.
         img_size: evaluate at this size (position embeddings resampled).
+        dtype: cast the weights to this dtype (timm's ``--model-dtype``; default: as stored, float32).
 
     Returns (model, info): info has ``source`` (its description), ``model_name``, ``model_args``,
     ``data_config`` (input_size, mean, std, crop_pct, interpolation), ``classes`` (or None) and a run's
@@ -233,7 +234,7 @@ def load_model(src: Union[str, Path, Source], model_name: Optional[str] = None, 
     info = {'source': source.description, 'model_name': name, 'model_args': args,
             'data_config': resolve_data_config(model, source.data_config, img_size), 'classes': source.classes,
             'config': source.run_config}
-    return model.to(device).eval(), info
+    return model.to(device=device, dtype=dtype).eval(), info
 
 
 def classifier_names(model: nn.Module) -> List[str]:

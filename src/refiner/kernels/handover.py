@@ -15,7 +15,7 @@ import torch
 
 from .. import functional as RF
 from . import tiling
-from .tiling import float32, without_autocast
+from .tiling import float32, result_dtype, without_autocast
 
 __all__ = ['Recipe', 'attention_handover', 'forget_recipe', 'recipe_of']
 
@@ -25,7 +25,9 @@ Tensor = torch.Tensor
 def attention_handover(q: Tensor, k: Tensor, v: Optional[Tensor], prev: Optional[Tensor], scale: float
                        ) -> Tuple[Optional[Tensor], Tensor]:
     """Returns ``(A @ v, A)`` with A = softmax(q·kᵀ·scale) + scale·prev (no hand-over when prev is
-    None); q, k, v (B, H, N, d). With ``v=None`` only A is computed."""
+    None); q, k, v (B, H, N, d). With ``v=None`` only A is computed. Computes in float32 (or
+    float64) and hands back :func:`~refiner.kernels.tiling.result_dtype` of q."""
+    dtype = result_dtype(q)
     q, k, v, prev = float32(q, k, v, prev)
     with torch.autocast(q.device.type, enabled=False):
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, prev)):
@@ -35,12 +37,13 @@ def attention_handover(q: Tensor, k: Tensor, v: Optional[Tensor], prev: Optional
                 out, attn = None, _AttentionMap.apply(q, k, prev, scale)
             else:
                 out, attn = _AttentionHandover.apply(q, k, v, prev, scale, recompute)
-            if recompute:
+            if recompute and attn.dtype == dtype:  # a map rounded to half precision is kept, not rebuilt
                 setattr(attn, _RECIPE, Recipe(q.detach(), k.detach(), None if prev is None else prev.detach(), scale,
                                                attn._version))
-            return out, attn
-        with torch.no_grad():
-            return _attention_forward(q, k, v, prev, scale)
+        else:
+            with torch.no_grad():
+                out, attn = _attention_forward(q, k, v, prev, scale)
+    return (None if out is None else out.to(dtype)), attn.to(dtype)
 
 
 _RECIPE = '_refiner_recipe'  # attribute of a handed-over map that its consumers may rebuild

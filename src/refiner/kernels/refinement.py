@@ -22,7 +22,7 @@ import torch
 from .. import functional as RF
 from . import tiling
 from .handover import Recipe, recipe_of
-from .tiling import float32, halo, without_autocast
+from .tiling import float32, halo, result_dtype, without_autocast
 
 __all__ = ['BatchNormState', 'refine_aggregate_eval', 'refine_aggregate_train']
 
@@ -70,16 +70,19 @@ def refine_aggregate_train(attn: Tensor, v: Tensor, expand_weight: Tensor, local
     (False while a checkpointed forward is recomputed). ``grid_size``: the local convolution runs
     over the keys' token grid (spatial DLA, ``refiner.functional.grid_conv``) instead of in raster
     order; it mixes no query rows."""
-    attn, v = float32(attn, v)
+    dtype = result_dtype(v)
+    recipe = recipe_of(attn)
+    # computed in float32 (or float64), half-precision parameters included; the statistics stay in their own dtype
+    attn, v, expand_weight, local_weight, reduce_weight = float32(attn, v, expand_weight, local_weight, reduce_weight)
+    affines = float32(*(t for bn in norms for t in (bn.weight, bn.bias)))
     pad = local_weight.shape[-1] // 2 if grid_size is None else 0  # query rows one output row reads around it
     local = _LocalStage(grid_size, num_prefix_tokens, pad)
-    meta = (tuple(norms), scale, local, update_stats, recipe_of(attn))
-    post = norms[3] if len(norms) == 4 else None
+    meta = (tuple(norms), scale, local, update_stats, recipe)
+    post = affines[6:8] if len(norms) == 4 else (None, None)
     with torch.autocast(attn.device.type, enabled=False):
-        return _RefineAggregate.apply(
-            meta, attn, v, expand_weight, norms[0].weight, norms[0].bias, local_weight, norms[1].weight,
-            norms[1].bias, reduce_weight, norms[2].weight, norms[2].bias,
-            None if post is None else post.weight, None if post is None else post.bias)
+        out = _RefineAggregate.apply(meta, attn, v, expand_weight, *affines[0:2], local_weight, *affines[2:4],
+                                     reduce_weight, *affines[4:6], *post)
+    return out.to(dtype)
 
 
 def refine_aggregate_eval(attn: Tensor, v: Tensor, refined_map: Callable[[Tensor], Tensor], halo_rows: int,
@@ -168,8 +171,8 @@ class _RefineAggregate(torch.autograd.Function):
         del o
         if update:
             for bn, (mean, var) in zip(bns, stats):
-                bn.running_mean.lerp_(mean, bn.momentum)
-                bn.running_var.lerp_(var * (n / max(n - 1, 1)), bn.momentum)
+                bn.running_mean.lerp_(mean.to(bn.running_mean.dtype), bn.momentum)
+                bn.running_var.lerp_((var * (n / max(n - 1, 1))).to(bn.running_var.dtype), bn.momentum)
         # a map that carries a recipe is rebuilt in backward instead of being kept
         ctx.meta = meta[:3]
         ctx.recipe_args = None if recipe is None else (recipe.scale, recipe.version)

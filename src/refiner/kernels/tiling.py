@@ -12,7 +12,7 @@ from typing import List, Optional, Tuple
 import torch
 
 __all__ = ['CHUNK_BYTES', 'DEFAULT_CHUNK_BYTES', 'chunks', 'eager_mode', 'float32', 'halo', 'kernels_apply',
-           'spans', 'tiles', 'without_autocast']
+           'result_dtype', 'spans', 'tiles', 'without_autocast']
 
 # Work is split into chunks of whole samples whose largest temporary (for a refining block, its
 # expanded maps, r·H·N²·4 bytes per sample) stays near CHUNK_BYTES. On a CPU that keeps each pass
@@ -81,6 +81,15 @@ def kernels_apply(*tensors: Optional[Tensor]) -> bool:
 
 
 def float32(*tensors: Optional[Tensor]) -> List[Optional[Tensor]]:
-    """The kernels compute in float32 or float64 (BatchNorm statistics need it); under autocast,
-    half-precision inputs are cast up and the outputs stay float32."""
+    """The kernels compute in float32 or float64 (BatchNorm statistics need it): half-precision
+    inputs are cast up (differentiably, so gradients reach half-precision parameters in their dtype)."""
     return [t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
+
+
+def result_dtype(t: Tensor) -> torch.dtype:
+    """The dtype a kernel hands back for an input of t's dtype: the caller's own (a model cast to
+    bf16 or fp16 gets its dtype back); under autocast, float32 for half-precision inputs, the
+    precision the kernel computed in, as autocast's own float32 ops do."""
+    if t.dtype in (torch.float16, torch.bfloat16) and torch.is_autocast_enabled(t.device.type):
+        return torch.float32
+    return t.dtype
