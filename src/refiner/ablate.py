@@ -23,14 +23,20 @@ the arm's overrides (an arm is what the study varies). The budget is matched: ev
 many training images as the arm's full-data run (epochs scale with 1/fraction, and the batch
 shrinks to fit the smallest fractions).
 
-Every run is an ordinary run directory ``<out>/<arm>-f<fraction>-s<seed>``: finished runs are
-reused and interrupted ones resumed, so an ablation continues where it stopped. Each run
-directory also records the arm (``ablation_arm.json``: its overrides and the config it trains
-with). An arm whose definition changed under the same name is *refused*, never silently reused
-nor retrained: before anything trains, every existing run directory of the plan is compared with
-the config the arm gives now (against ``ablation_arm.json``, or the run's ``config.yaml`` for runs
-made before that record existed), and the first that differs stops the ablation with an error
-that names the directory and the keys that differ.
+Every run is an ordinary run directory ``<out>/<arm>-f<fraction>-s<seed>``: finished runs (those
+with a summary.json) are reused and interrupted ones resumed, so an ablation killed at any moment
+(SIGKILL included) continues where it stopped when run again: a run from its last checkpoint (from
+the beginning before its first, and straight to its results after its last), the results below
+rebuilt from the runs' files, and what the killed process left half-written removed. One
+invocation at a time works in an output folder (it holds ``<out>/.ablate.lock``; the system
+releases the lock when the process ends, however it ends). Each run directory also records the
+arm (``ablation_arm.json``: its overrides and the config it trains with). An arm whose definition
+changed under the same name is *refused*, never silently reused nor retrained: before anything
+trains, every existing run directory of the plan is compared with the config the arm gives now
+(against ``ablation_arm.json``, or the run's ``config.yaml`` for runs made before that record
+existed), and the first that differs stops the ablation with an error that names the directory and
+the keys that differ. A study may gain arms (their runs are new directories) without touching the
+runs of the others.
 
 Results (``<out>/``): ablation.md (the table: per arm its parameters, forward FLOPs per image,
 training images/s and the held-out top-1, mean ± std over seeds, for every fraction, with the
@@ -52,7 +58,7 @@ from .bench import count_flops
 from .checkpoint import RunFiles
 from .config import DEFAULT_MODEL, ConfigError, TrainConfig, apply_overrides, load_recipe
 from .data import build_datasets
-from .fileio import atomic_write_text
+from .fileio import atomic_write, atomic_write_text, exclusive_lock, remove_temporaries
 
 __all__ = ['run_ablation', 'BUILTIN_ARMS', 'Arm', 'Study', 'AblationError', 'load_study', 'list_studies',
            'parse_arm', 'arm_configs', 'count_flops', 'DEFAULT_FRACTIONS', 'DEFAULT_SEEDS']
@@ -61,6 +67,7 @@ BUILTIN_ARMS = ('refiner', 'vit', 'convstem_vit')
 DEFAULT_FRACTIONS = (0.05, 0.1, 0.25, 1.0)
 DEFAULT_SEEDS = (0, 1, 2)
 RECORD = 'ablation_arm.json'  # in every run directory: the arm and the config it trains with
+LOCK = '.ablate.lock'  # in the output folder, held while an invocation works there
 
 _KNOWN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 _SET_PER_RUN = ('train_fraction', 'seed', 'out')  # the ablation sets these for every run
@@ -530,19 +537,30 @@ def run_ablation(data: Optional[str] = None, fractions: Optional[Sequence[float]
     then to (0.05, 0.1, 0.25, 1), (0, 1, 2) and the recipe's epochs. ``out`` defaults to
     ``runs/ablate/<study>`` for a study, else ``runs/ablate``.
     """
+    setup = _setup(data, fractions, seeds, models, config, overrides, study, arms, epochs)
+    st = setup.study
+    root = Path(out or (f'runs/ablate/{st.name}' if st else 'runs/ablate'))
+    runs, resolved = _plan(setup.base, setup.arms, setup.fractions, setup.seeds, root)
+    with exclusive_lock(root / LOCK) as mine:
+        if not mine:
+            raise AblationError(f'{root}: another refiner ablate is working in that folder; let it finish or '
+                                f'stop it, then run this again')
+        return _run_plan(runs, resolved, setup, root, progress)
+
+
+def _run_plan(runs: List[_Run], resolved: Dict[str, Dict[str, Any]], setup: _Setup, root: Path,
+              progress: bool) -> Dict[str, Any]:
+    """Check the runs already there, train what has not finished, write the results; under the folder's lock."""
     from .train import train
 
-    setup = _setup(data, fractions, seeds, models, config, overrides, study, arms, epochs)
-    st, arm_list, reference, fractions, seeds, base_dict = (setup.study, setup.arms, setup.reference,
-                                                            setup.fractions, setup.seeds, setup.base)
-    root = Path(out or (f'runs/ablate/{st.name}' if st else 'runs/ablate'))
-    runs, resolved = _plan(base_dict, arm_list, fractions, seeds, root)
     for run in runs:
         _check_existing(run)
+    for folder in [root] + [run.files.root for run in runs]:
+        remove_temporaries(folder)  # a killed invocation's half-written files
     todo = [r for r in runs if not r.files.summary.is_file()]
     if progress:
-        print(f'{len(arm_list)} arms x {len(fractions)} fractions x {len(seeds)} seeds: {len(runs)} runs, '
-              f'{len(runs) - len(todo)} finished (reused), {len(todo)} to train; results in {root}', flush=True)
+        print(f'{len(setup.arms)} arms x {len(setup.fractions)} fractions x {len(setup.seeds)} seeds: {len(runs)} '
+              f'runs, {len(runs) - len(todo)} finished (reused), {len(todo)} to train; results in {root}', flush=True)
     for run in todo:
         if progress:
             print(f'--- {run.name}: {run.n_train} training images, batch {run.cfg.batch_size}, '
@@ -555,12 +573,12 @@ def run_ablation(data: Optional[str] = None, fractions: Optional[Sequence[float]
         else:
             train(cfg, out=str(run.files.root), progress=progress)
 
-    report = _report(runs, resolved, arm_list, reference, fractions, seeds, base_dict, st)
+    report = _report(runs, resolved, setup.arms, setup.reference, setup.fractions, setup.seeds, setup.base,
+                     setup.study)
     report['out'] = str(root)
-    root.mkdir(parents=True, exist_ok=True)
     atomic_write_text(root / 'ablation.json', json.dumps(report, indent=2) + '\n')
     atomic_write_text(root / 'ablation.md', report['table'] + '\n')
-    plot_ablation(report['top1'], fractions, report['models'], root / 'ablation.png', report['data'])
+    plot_ablation(report['top1'], setup.fractions, report['models'], root / 'ablation.png', report['data'])
     return report
 
 
@@ -672,6 +690,6 @@ def plot_ablation(results: Dict[str, Dict[str, List[float]]], fractions: Sequenc
     lo = min(min(min(v) for v in r.values()) for r in results.values())
     ax.set_ylim(max(0.0, math.floor(lo / 5) * 5 - 5), 100.5)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=120))
     plt.close(fig)
     return path
