@@ -48,7 +48,7 @@ def _mtimes(root):
 
 def test_shipped_studies():
     assert {'expansion', 'kernel', 'dla_form', 'spatial', 'blocks', 'refinement', 'grid8_refinement',
-            'grid8_spatial', 'grid8_expansion'} <= set(STUDIES)
+            'grid8_spatial', 'grid8_expansion', 'grid8_kernel', 'grid8_dla_form'} <= set(STUDIES)
     for name in STUDIES:
         study = load_study(name)
         assert study.description and len(study.arms) >= 2
