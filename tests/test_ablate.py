@@ -1,11 +1,12 @@
 """refiner ablate: every shipped study end to end on tiny settings, reuse of finished runs, a changed
-arm refused, a study killed at any moment and continued, one invocation per folder, the FLOPs count,
-bad input."""
+arm refused, a study killed at any moment and continued, invocations sharing a study, the FLOPs
+count, bad input."""
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -232,13 +233,30 @@ def test_study_killed_at_any_moment_continues(tmp_path, capsys):
     assert not list(out.rglob('*.tmp'))  # what the kills left half-written is gone
 
 
-def test_one_invocation_at_a_time(tmp_path, capsys):
-    out = tmp_path / 'locked'
-    with exclusive_lock(out / '.ablate.lock') as mine:  # as another `refiner ablate` in that folder would
+def test_invocations_share_a_study(tmp_path, capsys):
+    """A run another invocation holds is left to it while this one trains the rest, then waited for;
+    when its holder ends without finishing it (as if killed), this invocation trains it."""
+    out = tmp_path / 'shared'
+    tiny = [a for a in TINY if a != '--no-progress']  # the waiting is reported
+    args = ['ablate', '--out', out, *tiny, '--set', 'model_args.depth=2', '--arm', 'a',
+            '--arm', 'b:model_args.expansion_ratio=1']
+    held, other = out / 'a-f0.5-s0', out / 'b-f0.5-s0'
+    codes = []
+    thread = threading.Thread(target=lambda: codes.append(main(list(map(str, args)))), daemon=True)
+    with exclusive_lock(held / '.ablate.lock') as mine:  # as another invocation training run a would
         assert mine
-        code, _, err = _ablate(capsys, '--out', out, *TINY, '--arm', 'a')
-    assert code == 2 and 'another refiner ablate' in err and len(err.strip().splitlines()) == 1
-    assert list(out.iterdir()) == [out / '.ablate.lock']  # nothing trained
+        thread.start()
+        deadline = time.time() + 120
+        while thread.is_alive() and time.time() < deadline and not (other / 'summary.json').is_file():
+            time.sleep(0.05)
+        assert (other / 'summary.json').is_file() and thread.is_alive()  # b trained, a waited for
+        assert not (held / 'config.yaml').exists()
+    thread.join(120)
+    captured = capsys.readouterr()
+    assert codes == [0], captured.err
+    assert '--- a-f0.5-s0: another refiner ablate is training it; waiting for it' in captured.out
+    report = json.loads((out / 'ablation.json').read_text())
+    assert set(report['top1']) == {'a', 'b'} and (held / 'summary.json').is_file()
 
 
 def test_list_studies(capsys):

@@ -27,9 +27,12 @@ Every run is an ordinary run directory ``<out>/<arm>-f<fraction>-s<seed>``: fini
 with a summary.json) are reused and interrupted ones resumed, so an ablation killed at any moment
 (SIGKILL included) continues where it stopped when run again: a run from its last checkpoint (from
 the beginning before its first, and straight to its results after its last), the results below
-rebuilt from the runs' files, and what the killed process left half-written removed. One
-invocation at a time works in an output folder (it holds ``<out>/.ablate.lock``; the system
-releases the lock when the process ends, however it ends). Each run directory also records the
+rebuilt from the runs' files, and what the killed process left half-written removed. Several
+invocations may share an output folder (a study started twice, or split by ``--fractions``): a run
+is trained under its lock (``.ablate.lock`` in its directory; the results under ``<out>/``'s),
+and an invocation leaves the runs another one holds to it, trains the rest, then waits for those
+and trains any whose holder stopped before finishing them. The system releases a lock when its
+process ends, however it ends, so a kill leaves none behind. Each run directory also records the
 arm (``ablation_arm.json``: its overrides and the config it trains with). An arm whose definition
 changed under the same name is *refused*, never silently reused nor retrained: before anything
 trains, every existing run directory of the plan is compared with the config the arm gives now
@@ -67,7 +70,7 @@ BUILTIN_ARMS = ('refiner', 'vit', 'convstem_vit')
 DEFAULT_FRACTIONS = (0.05, 0.1, 0.25, 1.0)
 DEFAULT_SEEDS = (0, 1, 2)
 RECORD = 'ablation_arm.json'  # in every run directory: the arm and the config it trains with
-LOCK = '.ablate.lock'  # in the output folder, held while an invocation works there
+LOCK = '.ablate.lock'  # in every run directory and the output folder: held while one invocation writes there
 
 _KNOWN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 _SET_PER_RUN = ('train_fraction', 'seed', 'out')  # the ablation sets these for every run
@@ -541,45 +544,48 @@ def run_ablation(data: Optional[str] = None, fractions: Optional[Sequence[float]
     st = setup.study
     root = Path(out or (f'runs/ablate/{st.name}' if st else 'runs/ablate'))
     runs, resolved = _plan(setup.base, setup.arms, setup.fractions, setup.seeds, root)
-    with exclusive_lock(root / LOCK) as mine:
-        if not mine:
-            raise AblationError(f'{root}: another refiner ablate is working in that folder; let it finish or '
-                                f'stop it, then run this again')
-        return _run_plan(runs, resolved, setup, root, progress)
-
-
-def _run_plan(runs: List[_Run], resolved: Dict[str, Dict[str, Any]], setup: _Setup, root: Path,
-              progress: bool) -> Dict[str, Any]:
-    """Check the runs already there, train what has not finished, write the results; under the folder's lock."""
-    from .train import train
-
     for run in runs:
         _check_existing(run)
-    for folder in [root] + [run.files.root for run in runs]:
-        remove_temporaries(folder)  # a killed invocation's half-written files
     todo = [r for r in runs if not r.files.summary.is_file()]
     if progress:
         print(f'{len(setup.arms)} arms x {len(setup.fractions)} fractions x {len(setup.seeds)} seeds: {len(runs)} '
               f'runs, {len(runs) - len(todo)} finished (reused), {len(todo)} to train; results in {root}', flush=True)
-    for run in todo:
+    held = [run for run in todo if not _train_run(run, progress, wait=False)]
+    for run in held:  # the runs another invocation was training: wait for them (and train any it left unfinished)
+        if progress and not run.files.summary.is_file():
+            print(f'--- {run.name}: another refiner ablate is training it; waiting for it', flush=True)
+        _train_run(run, progress, wait=True)
+
+    report = _report(runs, resolved, setup.arms, setup.reference, setup.fractions, setup.seeds, setup.base, st)
+    report['out'] = str(root)
+    with exclusive_lock(root / LOCK, wait=True):
+        remove_temporaries(root)  # what a killed invocation was writing
+        atomic_write_text(root / 'ablation.json', json.dumps(report, indent=2) + '\n')
+        atomic_write_text(root / 'ablation.md', report['table'] + '\n')
+        plot_ablation(report['top1'], setup.fractions, report['models'], root / 'ablation.png', report['data'])
+    return report
+
+
+def _train_run(run: _Run, progress: bool, wait: bool) -> bool:
+    """Train the run, or continue it, under its lock; False (without ``wait``) when another invocation holds it."""
+    from .train import train
+
+    with exclusive_lock(run.files.root / LOCK, wait=wait) as mine:
+        if not mine:
+            return False
+        if run.files.summary.is_file():  # finished by another invocation meanwhile
+            return True
+        remove_temporaries(run.files.root)  # what a killed invocation was writing
         if progress:
             print(f'--- {run.name}: {run.n_train} training images, batch {run.cfg.batch_size}, '
                   f'{run.cfg.epochs} epochs', flush=True)
-        run.files.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.files.root / RECORD, json.dumps(run.record, indent=2) + '\n')
         cfg = run.cfg
         if run.files.config.is_file():  # started before: continue it (from its checkpoint, if one was written)
             train(TrainConfig(device=cfg.device, workers=cfg.workers), resume=str(run.files.root), progress=progress)
         else:
             train(cfg, out=str(run.files.root), progress=progress)
-
-    report = _report(runs, resolved, setup.arms, setup.reference, setup.fractions, setup.seeds, setup.base,
-                     setup.study)
-    report['out'] = str(root)
-    atomic_write_text(root / 'ablation.json', json.dumps(report, indent=2) + '\n')
-    atomic_write_text(root / 'ablation.md', report['table'] + '\n')
-    plot_ablation(report['top1'], setup.fractions, report['models'], root / 'ablation.png', report['data'])
-    return report
+    return True
 
 
 def _unique(values: Sequence[Any], kind) -> List[Any]:

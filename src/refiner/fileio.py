@@ -2,7 +2,7 @@
 folder, fsync, then an atomic rename over the target, then fsync of the folder. A process killed
 outright (SIGKILL) runs no cleanup and leaves its temporary behind: :func:`remove_temporaries`.
 
-:func:`exclusive_lock`: one process at a time in a folder, with no stale lock after a kill."""
+:func:`exclusive_lock`: one process at a time, with no stale lock after a kill."""
 import os
 import tempfile
 from contextlib import contextmanager
@@ -69,11 +69,11 @@ def remove_temporaries(folder: Union[str, os.PathLike]) -> int:
 
 
 @contextmanager
-def exclusive_lock(path: Union[str, os.PathLike]) -> Iterator[bool]:
+def exclusive_lock(path: Union[str, os.PathLike], wait: bool = False) -> Iterator[bool]:
     """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block; yields whether
-    this process got it (False: another one holds it). The system releases the lock when its holder
-    ends, however it ends, so a kill never leaves a stale one. Where there is no ``flock``
-    (Windows) nothing is locked and it yields True."""
+    this process holds it: without ``wait``, False when another one does (and nothing is held).
+    The system releases the lock when its holder ends, however it ends, so a kill never leaves a
+    stale one. Where there is no ``flock`` (Windows) nothing is locked and it yields True."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -82,7 +82,7 @@ def exclusive_lock(path: Union[str, os.PathLike]) -> Iterator[bool]:
             yield True
             return
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
         except BlockingIOError:
             yield False
             return
