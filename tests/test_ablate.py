@@ -1,15 +1,24 @@
 """refiner ablate: every shipped study end to end on tiny settings, reuse of finished runs, a changed
-arm refused, the FLOPs count, bad input."""
+arm refused, a study killed at any moment and continued, invocations sharing a study, the FLOPs
+count, bad input."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import timm
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from refiner.ablate import arm_configs, count_flops, list_studies, load_study
 from refiner.cli import main
 from refiner.config import load_recipe
+from refiner.fileio import exclusive_lock
 
 # one fraction, one seed, a budget of one epoch, two classes, a narrow model (depth kept: the
 # blocks study names every block): a second or two per run (half the data: two epochs of 4 steps)
@@ -40,7 +49,7 @@ def _mtimes(root):
 
 def test_shipped_studies():
     assert {'expansion', 'kernel', 'dla_form', 'spatial', 'blocks', 'refinement', 'grid8_refinement',
-            'grid8_spatial', 'grid8_expansion'} <= set(STUDIES)
+            'grid8_spatial', 'grid8_expansion', 'grid8_kernel', 'grid8_dla_form'} <= set(STUDIES)
     for name in STUDIES:
         study = load_study(name)
         assert study.description and len(study.arms) >= 2
@@ -144,6 +153,110 @@ def test_started_run_is_continued(tmp_path, capsys):
     assert 'starting the run from the beginning' in stdout
     # the same run again (CPU training is deterministic)
     assert json.loads((out / 'ablation.json').read_text())['top1'] == top1
+
+
+# a study small enough to be killed three times in a test: two runs of two epochs of 6 steps,
+# a checkpoint every 2 steps
+KILL_STUDY = """
+description: two arms, small enough to be killed and continued in a test
+base: {classes: [0, 1, 2], batch_size: 32, warmup_epochs: 0, checkpoint_every: 2,
+       model_args: {patch_size: 4, embed_dim: 32, depth: 2, num_heads: 2}}
+fractions: [0.5]
+seeds: [0]
+epochs: 1
+arms:
+  a: {}
+  r1: {model_args.expansion_ratio: 1}
+"""
+# `refiner ablate ARGS...` that SIGKILLs itself the moment it would put TARGET in place (written in
+# full, not yet renamed over the old one): python -c KILL_AT TARGET ARGS...
+KILL_AT = """
+import os, signal, sys
+target, replace = sys.argv[1], os.replace
+def dying(src, dst, *args, **kwargs):
+    if str(dst).endswith(target):
+        os.kill(os.getpid(), signal.SIGKILL)
+    return replace(src, dst, *args, **kwargs)
+os.replace = dying
+from refiner.cli import main
+sys.exit(main(['ablate', *sys.argv[2:]]))
+"""
+ENV = {**os.environ, 'PYTHONWARNINGS': 'ignore', 'OMP_NUM_THREADS': '1'}
+
+
+def _without_speed(table):
+    """The table without its train img/s column (a measured speed, not a result)."""
+    return ['|'.join(c for i, c in enumerate(line.split('|')) if i != 4) for line in table.splitlines()]
+
+
+def test_study_killed_at_any_moment_continues(tmp_path, capsys):
+    """SIGKILL while a finished run writes its results, mid-run, and while the study writes its summary:
+    each time the next invocation continues, and the end result is the uninterrupted study's."""
+    study = tmp_path / 'kill.yaml'
+    study.write_text(KILL_STUDY)
+    ref, out = tmp_path / 'ref', tmp_path / 'killed'
+    args = ['--study', str(study), '--no-progress']
+    assert _ablate(capsys, *args, '--out', ref)[0] == 0
+
+    def killed_at(target):
+        res = subprocess.run([sys.executable, '-c', KILL_AT, target, *args, '--out', str(out)],
+                             capture_output=True, text=True, env=ENV, timeout=300)
+        assert res.returncode == -signal.SIGKILL, res.stdout + res.stderr
+
+    # 1. run a trained to its end, killed as its summary.json goes into place: no summary, a final checkpoint
+    killed_at('a-f0.5-s0/summary.json')
+    assert (out / 'a-f0.5-s0' / 'checkpoint.pt').is_file() and not (out / 'a-f0.5-s0' / 'summary.json').exists()
+    # 2. killed from outside once run r1 has saved a checkpoint mid-run
+    proc = subprocess.Popen([sys.executable, '-m', 'refiner', 'ablate', *args, '--out', str(out)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    state, deadline = out / 'r1-f0.5-s0' / 'checkpoint.pt', time.time() + 240
+    while proc.poll() is None and time.time() < deadline and not state.is_file():
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()[0]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / 'a-f0.5-s0' / 'summary.json').is_file() and not (out / 'r1-f0.5-s0' / 'summary.json').exists()
+    # 3. every run finished, killed as ablation.json goes into place
+    killed_at('/ablation.json')
+    assert (out / 'r1-f0.5-s0' / 'summary.json').is_file() and not (out / 'ablation.json').exists()
+
+    code, _, err = _ablate(capsys, *args, '--out', out)
+    assert code == 0, err
+    want, got = (json.loads((d / 'ablation.json').read_text()) for d in (ref, out))
+    assert got['top1'] == want['top1']
+    assert _without_speed(got['table']) == _without_speed(want['table'])
+    for run in ('a-f0.5-s0', 'r1-f0.5-s0'):  # resumed bit-identically
+        for name in ('model.safetensors', 'model_ema.safetensors'):
+            a, b = load_file(str(ref / run / name)), load_file(str(out / run / name))
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), (run, name)
+    assert (out / 'ablation.png').stat().st_size > 1000
+    assert not list(out.rglob('*.tmp'))  # what the kills left half-written is gone
+
+
+def test_invocations_share_a_study(tmp_path, capsys):
+    """A run another invocation holds is left to it while this one trains the rest, then waited for;
+    when its holder ends without finishing it (as if killed), this invocation trains it."""
+    out = tmp_path / 'shared'
+    tiny = [a for a in TINY if a != '--no-progress']  # the waiting is reported
+    args = ['ablate', '--out', out, *tiny, '--set', 'model_args.depth=2', '--arm', 'a',
+            '--arm', 'b:model_args.expansion_ratio=1']
+    held, other = out / 'a-f0.5-s0', out / 'b-f0.5-s0'
+    codes = []
+    thread = threading.Thread(target=lambda: codes.append(main(list(map(str, args)))), daemon=True)
+    with exclusive_lock(held / '.ablate.lock') as mine:  # as another invocation training run a would
+        assert mine
+        thread.start()
+        deadline = time.time() + 120
+        while thread.is_alive() and time.time() < deadline and not (other / 'summary.json').is_file():
+            time.sleep(0.05)
+        assert (other / 'summary.json').is_file() and thread.is_alive()  # b trained, a waited for
+        assert not (held / 'config.yaml').exists()
+    thread.join(120)
+    captured = capsys.readouterr()
+    assert codes == [0], captured.err
+    assert '--- a-f0.5-s0: another refiner ablate is training it; waiting for it' in captured.out
+    report = json.loads((out / 'ablation.json').read_text())
+    assert set(report['top1']) == {'a', 'b'} and (held / 'summary.json').is_file()
 
 
 def test_list_studies(capsys):

@@ -23,14 +23,23 @@ the arm's overrides (an arm is what the study varies). The budget is matched: ev
 many training images as the arm's full-data run (epochs scale with 1/fraction, and the batch
 shrinks to fit the smallest fractions).
 
-Every run is an ordinary run directory ``<out>/<arm>-f<fraction>-s<seed>``: finished runs are
-reused and interrupted ones resumed, so an ablation continues where it stopped. Each run
-directory also records the arm (``ablation_arm.json``: its overrides and the config it trains
-with). An arm whose definition changed under the same name is *refused*, never silently reused
-nor retrained: before anything trains, every existing run directory of the plan is compared with
-the config the arm gives now (against ``ablation_arm.json``, or the run's ``config.yaml`` for runs
-made before that record existed), and the first that differs stops the ablation with an error
-that names the directory and the keys that differ.
+Every run is an ordinary run directory ``<out>/<arm>-f<fraction>-s<seed>``: finished runs (those
+with a summary.json) are reused and interrupted ones resumed, so an ablation killed at any moment
+(SIGKILL included) continues where it stopped when run again: a run from its last checkpoint (from
+the beginning before its first, and straight to its results after its last), the results below
+rebuilt from the runs' files, and what the killed process left half-written removed. Several
+invocations may share an output folder (a study started twice, or split by ``--fractions``): a run
+is trained under its lock (``.ablate.lock`` in its directory; the results under ``<out>/``'s),
+and an invocation leaves the runs another one holds to it, trains the rest, then waits for those
+and trains any whose holder stopped before finishing them. The system releases a lock when its
+process ends, however it ends, so a kill leaves none behind. Each run directory also records the
+arm (``ablation_arm.json``: its overrides and the config it trains with). An arm whose definition
+changed under the same name is *refused*, never silently reused nor retrained: before anything
+trains, every existing run directory of the plan is compared with the config the arm gives now
+(against ``ablation_arm.json``, or the run's ``config.yaml`` for runs made before that record
+existed), and the first that differs stops the ablation with an error that names the directory and
+the keys that differ. A study may gain arms (their runs are new directories) without touching the
+runs of the others.
 
 Results (``<out>/``): ablation.md (the table: per arm its parameters, forward FLOPs per image,
 training images/s and the held-out top-1, mean ± std over seeds, for every fraction, with the
@@ -52,7 +61,7 @@ from .bench import count_flops
 from .checkpoint import RunFiles
 from .config import DEFAULT_MODEL, ConfigError, TrainConfig, apply_overrides, load_recipe
 from .data import build_datasets
-from .fileio import atomic_write_text
+from .fileio import atomic_write, atomic_write_text, exclusive_lock, remove_temporaries
 
 __all__ = ['run_ablation', 'BUILTIN_ARMS', 'Arm', 'Study', 'AblationError', 'load_study', 'list_studies',
            'parse_arm', 'arm_configs', 'count_flops', 'DEFAULT_FRACTIONS', 'DEFAULT_SEEDS']
@@ -61,6 +70,7 @@ BUILTIN_ARMS = ('refiner', 'vit', 'convstem_vit')
 DEFAULT_FRACTIONS = (0.05, 0.1, 0.25, 1.0)
 DEFAULT_SEEDS = (0, 1, 2)
 RECORD = 'ablation_arm.json'  # in every run directory: the arm and the config it trains with
+LOCK = '.ablate.lock'  # in every run directory and the output folder: held while one invocation writes there
 
 _KNOWN_KEYS = frozenset(f.name for f in dataclasses.fields(TrainConfig))
 _SET_PER_RUN = ('train_fraction', 'seed', 'out')  # the ablation sets these for every run
@@ -530,38 +540,52 @@ def run_ablation(data: Optional[str] = None, fractions: Optional[Sequence[float]
     then to (0.05, 0.1, 0.25, 1), (0, 1, 2) and the recipe's epochs. ``out`` defaults to
     ``runs/ablate/<study>`` for a study, else ``runs/ablate``.
     """
-    from .train import train
-
     setup = _setup(data, fractions, seeds, models, config, overrides, study, arms, epochs)
-    st, arm_list, reference, fractions, seeds, base_dict = (setup.study, setup.arms, setup.reference,
-                                                            setup.fractions, setup.seeds, setup.base)
+    st = setup.study
     root = Path(out or (f'runs/ablate/{st.name}' if st else 'runs/ablate'))
-    runs, resolved = _plan(base_dict, arm_list, fractions, seeds, root)
+    runs, resolved = _plan(setup.base, setup.arms, setup.fractions, setup.seeds, root)
     for run in runs:
         _check_existing(run)
     todo = [r for r in runs if not r.files.summary.is_file()]
     if progress:
-        print(f'{len(arm_list)} arms x {len(fractions)} fractions x {len(seeds)} seeds: {len(runs)} runs, '
-              f'{len(runs) - len(todo)} finished (reused), {len(todo)} to train; results in {root}', flush=True)
-    for run in todo:
+        print(f'{len(setup.arms)} arms x {len(setup.fractions)} fractions x {len(setup.seeds)} seeds: {len(runs)} '
+              f'runs, {len(runs) - len(todo)} finished (reused), {len(todo)} to train; results in {root}', flush=True)
+    held = [run for run in todo if not _train_run(run, progress, wait=False)]
+    for run in held:  # the runs another invocation was training: wait for them (and train any it left unfinished)
+        if progress and not run.files.summary.is_file():
+            print(f'--- {run.name}: another refiner ablate is training it; waiting for it', flush=True)
+        _train_run(run, progress, wait=True)
+
+    report = _report(runs, resolved, setup.arms, setup.reference, setup.fractions, setup.seeds, setup.base, st)
+    report['out'] = str(root)
+    with exclusive_lock(root / LOCK, wait=True):
+        remove_temporaries(root)  # what a killed invocation was writing
+        atomic_write_text(root / 'ablation.json', json.dumps(report, indent=2) + '\n')
+        atomic_write_text(root / 'ablation.md', report['table'] + '\n')
+        plot_ablation(report['top1'], setup.fractions, report['models'], root / 'ablation.png', report['data'])
+    return report
+
+
+def _train_run(run: _Run, progress: bool, wait: bool) -> bool:
+    """Train the run, or continue it, under its lock; False (without ``wait``) when another invocation holds it."""
+    from .train import train
+
+    with exclusive_lock(run.files.root / LOCK, wait=wait) as mine:
+        if not mine:
+            return False
+        if run.files.summary.is_file():  # finished by another invocation meanwhile
+            return True
+        remove_temporaries(run.files.root)  # what a killed invocation was writing
         if progress:
             print(f'--- {run.name}: {run.n_train} training images, batch {run.cfg.batch_size}, '
                   f'{run.cfg.epochs} epochs', flush=True)
-        run.files.root.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run.files.root / RECORD, json.dumps(run.record, indent=2) + '\n')
         cfg = run.cfg
         if run.files.config.is_file():  # started before: continue it (from its checkpoint, if one was written)
             train(TrainConfig(device=cfg.device, workers=cfg.workers), resume=str(run.files.root), progress=progress)
         else:
             train(cfg, out=str(run.files.root), progress=progress)
-
-    report = _report(runs, resolved, arm_list, reference, fractions, seeds, base_dict, st)
-    report['out'] = str(root)
-    root.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(root / 'ablation.json', json.dumps(report, indent=2) + '\n')
-    atomic_write_text(root / 'ablation.md', report['table'] + '\n')
-    plot_ablation(report['top1'], fractions, report['models'], root / 'ablation.png', report['data'])
-    return report
+    return True
 
 
 def _unique(values: Sequence[Any], kind) -> List[Any]:
@@ -672,6 +696,6 @@ def plot_ablation(results: Dict[str, Dict[str, List[float]]], fractions: Sequenc
     lo = min(min(min(v) for v in r.values()) for r in results.values())
     ax.set_ylim(max(0.0, math.floor(lo / 5) * 5 - 5), 100.5)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=120))
     plt.close(fig)
     return path

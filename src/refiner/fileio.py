@@ -1,11 +1,22 @@
 """Writing files so that a failure never leaves a partial one: a temporary file in the same
-folder, fsync, then an atomic rename over the target, then fsync of the folder."""
+folder, fsync, then an atomic rename over the target, then fsync of the folder. A process killed
+outright (SIGKILL) runs no cleanup and leaves its temporary behind: :func:`remove_temporaries`.
+
+:func:`exclusive_lock`: one process at a time, with no stale lock after a kill."""
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Union
+from typing import Callable, Iterator, Union
 
-__all__ = ['atomic_write', 'atomic_write_text']
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+
+__all__ = ['atomic_write', 'atomic_write_text', 'remove_temporaries', 'exclusive_lock']
+
+_TMP_PREFIX, _TMP_SUFFIX = '.', '.tmp'  # a temporary is '.NAME.RANDOM.tmp' beside NAME
 
 
 def _fsync_dir(path: Path) -> None:
@@ -25,7 +36,7 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) ->
     """Call ``write(tmp_path)``, fsync, then rename onto ``path``; on any failure the old file stays."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f'{_TMP_PREFIX}{path.name}.', suffix=_TMP_SUFFIX, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -44,3 +55,37 @@ def atomic_write_text(path: Union[str, os.PathLike], text: str) -> Path:
         with open(tmp, 'w') as f:
             f.write(text)
     return atomic_write(path, write)
+
+
+def remove_temporaries(folder: Union[str, os.PathLike]) -> int:
+    """Remove the temporaries that killed writers left in ``folder``; only while nothing else writes
+    there (hold :func:`exclusive_lock`). Returns how many were removed."""
+    removed = 0
+    for path in Path(folder).glob(f'{_TMP_PREFIX}*{_TMP_SUFFIX}'):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    return removed
+
+
+@contextmanager
+def exclusive_lock(path: Union[str, os.PathLike], wait: bool = False) -> Iterator[bool]:
+    """Hold an exclusive lock on ``path`` (created if missing) for the ``with`` block; yields whether
+    this process holds it: without ``wait``, False when another one does (and nothing is held).
+    The system releases the lock when its holder ends, however it ends, so a kill never leaves a
+    stale one. Where there is no ``flock`` (Windows) nothing is locked and it yields True."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is None:
+            yield True
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        yield True  # closing the file releases the lock
+    finally:
+        os.close(fd)

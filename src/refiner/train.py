@@ -17,8 +17,9 @@ timm ViT (``refine_vit``) before training; ``linear_probe`` trains the classifie
 Files (``--out DIR``): config.yaml (the resolved config: the model as built, so that a resume
 needs no source), metrics.jsonl (one line per finished epoch), checkpoint.pt (the training
 state, written atomically at every epoch end and every ``checkpoint_every`` steps),
-model.safetensors and model_ema.safetensors (final weights), summary.json (when the run ends).
-Only rank 0 writes.
+model.safetensors and model_ema.safetensors (final weights), summary.json (when the run ends,
+last: a run without it has not finished, and a resume of a run stopped after its last checkpoint
+writes the weights and summary from that checkpoint). Only rank 0 writes.
 """
 import dataclasses
 import inspect
@@ -523,7 +524,11 @@ class _Trainer:
     def run(self) -> Dict[str, Any]:
         cfg, files = self.cfg, self.files
         if self.epoch >= self.total_epochs:
-            raise TrainingError(f'{files.root}: this run already finished; its results are in {files.summary}')
+            if files.summary.is_file():
+                raise TrainingError(f'{files.root}: this run already finished; its results are in {files.summary}')
+            if self.ddp.main:  # stopped after its last checkpoint, before its results were all written
+                print(f'{files.root}: training had finished; writing its results', flush=True)
+            return self._finish()
         if self.ddp.main:
             print(f'{cfg.model} ({_num_params(self.model) / 1e6:.2f}M parameters) on {self.data.description}; '
                   f'{self.total_epochs} epochs x {self.steps_per_epoch} steps, batch {cfg.batch_size} x '
