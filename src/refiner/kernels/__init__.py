@@ -12,6 +12,10 @@ turns all of them on or off; the tests hold every one equal to the reference.
 - :func:`recompute`: activation checkpointing (the refinement's and the conv stem's maps), with
   :func:`release_free_heap` before the stem's burst of recomputed maps.
 
+- :mod:`refiner.kernels.triton_refinement`: on CUDA, with Triton installed, a refining block's
+  inference (raster layout, the forms with expansion, local and reduction stages) in one fused
+  kernel that never writes the expanded or refined maps to GPU memory; imported only for CUDA maps.
+
 Everything else (other refinement forms in training, dropout on the maps, TorchScript,
 torch.compile, torch.fx) takes the reference code.
 """

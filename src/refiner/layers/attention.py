@@ -183,6 +183,11 @@ class RefinedAttention(nn.Module):
         halo = refine.query_halo
         if refine.training or (isinstance(norm, nn.BatchNorm2d) and norm.training) or halo is None:
             return None  # training-mode batch statistics couple the samples; a query-grid kernel couples all rows
+        if attn.is_cuda and refine.refine_layout == 'raster' and refine.expand is not None:
+            from ..kernels.triton_refinement import refine_aggregate_fused, triton_available  # imports triton
+            if triton_available():  # one CUDA kernel; the refined maps never reach GPU memory
+                return refine_aggregate_fused(attn, v, *refine.folded_chain(*self._refined_affine()),
+                                              activated=refine.activated)
         grid = None if refine.refine_layout == 'raster' else refine.resolve_grid(attn.shape[-1], grid_size)
         return refine_aggregate_eval(attn, v, lambda a: norm(refine(a, grid)), halo, refine.expanded_heads,
                                      self.refine_scale)
@@ -211,12 +216,15 @@ class RefinedAttention(nn.Module):
             return
         if self.training:
             raise RuntimeError('folding uses running statistics: call model.eval() first')
-        norm = self.refine_norm
-        scale, shift = batchnorm_affine(norm, self.num_heads, self.proj.weight)  # (H,) each
-        if isinstance(norm, nn.BatchNorm2d) or self.refine_scale != 1.0:
-            self.refine.reparameterize(scale * self.refine_scale, shift * self.refine_scale)
+        if isinstance(self.refine_norm, nn.BatchNorm2d) or self.refine_scale != 1.0:
+            self.refine.reparameterize(*self._refined_affine())
         self.refine_norm = nn.Identity()
         self.refine_scale = 1.0
+
+    def _refined_affine(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The refine norm (eval) and the ×s after the refinement as one per-head affine: scale, shift (H,) each."""
+        scale, shift = batchnorm_affine(self.refine_norm, self.num_heads, self.proj.weight)
+        return scale * self.refine_scale, shift * self.refine_scale
 
 
 def _is_training_batchnorm(m: nn.Module) -> bool:

@@ -41,7 +41,7 @@ the BatchNorms (and an affine that follows the module) into the convolutions for
 The stages themselves are :mod:`refiner.functional`'s, which the kernels and the analysis call too.
 """
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 from timm.layers import register_notrace_module
@@ -51,10 +51,22 @@ from .. import functional as RF
 from ..kernels import eager_mode, recompute, use_kernels
 from .norm import BatchNorm2d, conv_like, fold_batchnorm
 
-__all__ = ['DistributedLocalAttention', 'REFINE_LAYOUTS', 'REFINE_MODES']
+__all__ = ['DistributedLocalAttention', 'FoldedChain', 'REFINE_LAYOUTS', 'REFINE_MODES']
 
 REFINE_MODES = ('inverted_residual', 'linear', 'conv')
 REFINE_LAYOUTS = ('raster', 'spatial_keys', 'spatial')
+
+
+class FoldedChain(NamedTuple):
+    """The refinement as three biased convolutions and a residual: refined = W3·act(dw(act(W1·A + b1)) + b2)
+    + b3 + residual·A, per head (the activation: ReLU6 in the inverted residual, none in the linear form)."""
+    expand_weight: torch.Tensor  # (E, H, 1, 1)
+    expand_bias: torch.Tensor  # (E,)
+    local_weight: torch.Tensor  # (E, 1, k, k)
+    local_bias: torch.Tensor  # (E,)
+    reduce_weight: torch.Tensor  # (H, E, 1, 1)
+    reduce_bias: torch.Tensor  # (H,)
+    residual: torch.Tensor  # (H,), zeros without a residual
 
 
 @register_notrace_module  # fx treats it as a leaf: its training path holds a checkpoint
@@ -265,15 +277,33 @@ class DistributedLocalAttention(nn.Module):
             self.conv = conv_like(self.conv, weight, bias)
             return
         assert self.expand is not None and self.local is not None and self.reduce is not None
-        self.expand = conv_like(self.expand, *fold_batchnorm(self.expand, self.expand_norm))
         if self.local_query is not None:  # the local stage's norm follows its second convolution
             self.local_query = conv_like(self.local_query, *fold_batchnorm(self.local_query, self.local_norm))
-        else:
-            self.local = conv_like(self.local, *fold_batchnorm(self.local, self.local_norm))
-        w, b = fold_batchnorm(self.reduce, self.reduce_norm)
-        self.reduce = conv_like(self.reduce, w * scale.view(-1, 1, 1, 1), b * scale + shift)
+            self.local_norm = nn.Identity()
+        folded = self.folded_chain(scale, shift)
+        self.expand = conv_like(self.expand, folded.expand_weight, folded.expand_bias)
+        self.local = conv_like(self.local, folded.local_weight, folded.local_bias)
+        self.reduce = conv_like(self.reduce, folded.reduce_weight, folded.reduce_bias)
         self.expand_norm, self.local_norm, self.reduce_norm = nn.Identity(), nn.Identity(), nn.Identity()
         self._scale_residual(scale)
+
+    @torch.no_grad()
+    def folded_chain(self, out_scale: Optional[torch.Tensor] = None,
+                     out_shift: Optional[torch.Tensor] = None) -> 'FoldedChain':
+        """The expansion, local and reduction convolutions with their (eval) BatchNorms and a per-head
+        affine ``out_scale·y + out_shift`` after the module folded in, without changing the module
+        (what :meth:`reparameterize` installs; fused kernels take it). Forms with the three stages."""
+        if self.expand is None or self.local is None or self.reduce is None:
+            raise ValueError(f'the {self.mode!r} form has no expansion, local and reduction stages to fold')
+        ref = self.expand.weight
+        H = self.num_heads
+        scale = ref.new_ones(H) if out_scale is None else out_scale.to(ref)
+        shift = ref.new_zeros(H) if out_shift is None else out_shift.to(ref)
+        w3, b3 = fold_batchnorm(self.reduce, self.reduce_norm)
+        residual = ref.new_zeros(H) if not self.residual else (
+            scale if self.residual_scale is None else scale * self.residual_scale)
+        return FoldedChain(*fold_batchnorm(self.expand, self.expand_norm), *fold_batchnorm(self.local, self.local_norm),
+                           w3 * scale.view(-1, 1, 1, 1), b3 * scale + shift, residual)
 
     def _scale_residual(self, scale: torch.Tensor) -> None:
         """The residual after an affine with this per-head scale was folded into the output."""
