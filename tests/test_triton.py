@@ -126,3 +126,13 @@ def test_kernel_compiles_for_gpu_targets(capability, dtype):
     assert usage['cubin_bytes'] > 0
     if usage['registers'] is not None:
         assert usage['registers'] <= 255
+
+
+def test_gpu_check_says_plainly_when_there_is_no_gpu(tmp_path):
+    """scripts/gpu_check.py, the one GPU command, refuses in one sentence where CUDA is missing."""
+    if torch.cuda.is_available():
+        pytest.skip('a CUDA device is here')
+    script = os.path.join(os.path.dirname(__file__), '..', 'scripts', 'gpu_check.py')
+    res = subprocess.run([sys.executable, script, '--out', str(tmp_path / 'out')], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 1 and 'no CUDA device here' in res.stderr and 'Traceback' not in res.stderr

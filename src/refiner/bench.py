@@ -36,6 +36,7 @@ class BenchConfig:
     amp: str = 'none'  # 'none' or 'bf16'
     model_dtype: str = 'float32'  # the weights' and inputs' dtype, no autocast (timm's --model-dtype)
     compile: bool = False
+    kernels: bool = True  # refiner.kernels' fast paths (False: the reference code, as set_kernels(False))
     reparameterize: bool = True  # fold BatchNorms and scales for inference (timm.utils.reparameterize_model)
     steps: int = 5
     warmup: int = 2
@@ -79,6 +80,8 @@ def measure(cfg: BenchConfig) -> Dict[str, Any]:
     import timm
 
     import refiner  # noqa: F401  (registers refiner_vit_*)
+    from refiner.kernels import set_kernels
+    set_kernels(cfg.kernels)  # this process builds one model
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = torch.device(cfg.device)
@@ -185,7 +188,7 @@ def run_bench(configs: List[BenchConfig], reference: Optional[str] = 'deit_small
     all_cfgs = list(configs)
     if reference:
         for c in configs:
-            ref = BenchConfig(**{**asdict(c), 'model': reference, 'model_args': {}, 'compile': c.compile})
+            ref = BenchConfig(**{**asdict(c), 'model': reference, 'model_args': {}, 'kernels': True})
             if all(asdict(ref) != asdict(o) for o in all_cfgs):
                 all_cfgs.append(ref)
     device = configs[0].device if configs else 'cpu'
@@ -250,7 +253,8 @@ def format_table(report: Dict[str, Any]) -> str:
     for row in report['rows']:
         c = row['config']
         args = ','.join(f'{k}={v}' for k, v in c.get('model_args', {}).items())
-        name = c['model'] + (f':{args}' if args else '') + (' (compiled)' if c['compile'] else '')
+        name = (c['model'] + (f':{args}' if args else '') + (' (compiled)' if c['compile'] else '')
+                + ('' if c.get('kernels', True) else ' (reference code)'))
         folded = c['mode'] == 'infer' and c['reparameterize'] and c['model'].startswith('refiner')
         mode = c['mode'] + (' (reparameterized)' if folded else '')
         precision = 'bf16 autocast' if c['amp'] == 'bf16' else c.get('model_dtype', 'float32')
