@@ -109,10 +109,10 @@ def export_hf(model: torch.nn.Module, out_dir: str, info: Dict[str, Any]) -> Pat
     The folder is written beside the target and renamed into place, so a failure leaves no partial folder.
     """
     import shutil
-    import tempfile
 
     from timm.models import save_for_hf
 
+    from .fileio import apply_umask, make_temp_dir
     from .pretrained import DATA_CONFIG_KEYS
 
     out = Path(out_dir)
@@ -126,10 +126,11 @@ def export_hf(model: torch.nn.Module, out_dir: str, info: Dict[str, Any]) -> Pat
     args = {k: v for k, v in (info.get('model_args') or {}).items()  # what rebuilds it, not how it trained
             if k != 'pretrained_cfg' and not (k.startswith('drop') or k.endswith('drop_rate'))}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
+    tmp = make_temp_dir(out.parent, out.name)
     try:
         save_for_hf(model, str(tmp), model_config=model_config, model_args=args, safe_serialization=True,
                     data_config=data_config)
+        apply_umask(tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)
