@@ -1,6 +1,7 @@
 """What a new user hits in the first hour (issue 22): file permissions, loading an export with
 Hugging Face transformers, the "DeiT + refiner" command, re-parameterizing in train mode, prediction
 messages, a loaded run's pretrained_cfg, the CLI's common flags and ONNX input sizes."""
+import json
 import os
 import stat
 
@@ -11,6 +12,7 @@ from conftest import trained_scale
 
 import refiner  # noqa: F401  (registers the models)
 from refiner.checkpoint import save_weights
+from refiner.cli import main
 
 NANO = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3)
 DATA_CONFIG = dict(input_size=[3, 16, 16], mean=[0.5] * 3, std=[0.5] * 3, crop_pct=1.0, interpolation='bilinear')
@@ -47,3 +49,78 @@ def test_written_files_keep_the_umask_permissions(tmp_path, umask, nano_checkpoi
     assert _mode(tmp_path / 'a.txt') == _mode(tmp_path / 'b.txt') == 0o666 & ~umask
     assert _mode(out) == _mode(tmp_path / 'plain') == 0o777 & ~umask
     assert _mode(out / 'model.safetensors') == _mode(out / 'config.json') == 0o666 & ~umask
+
+
+VIT = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)  # a tiny timm ViT
+
+
+def _refined_vit(img_size=16, num_classes=3):
+    torch.manual_seed(1)
+    model = timm.create_model('refined_vit', base_model='vit_tiny_patch16_224', refine_blocks=[1], img_size=img_size,
+                              num_classes=num_classes, **VIT)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    return trained_scale(model)
+
+
+def test_an_hf_export_loads_in_timm_and_transformers_with_its_labels(tmp_path, nano_checkpoint, monkeypatch):
+    """``refiner export --format hf``: timm (local-dir:) and Hugging Face transformers
+    (AutoModelForImageClassification, pipeline) load the folder, with identical outputs and the class names."""
+    monkeypatch.setenv('HF_HUB_OFFLINE', '1')
+    from PIL import Image
+    from transformers import AutoModelForImageClassification, pipeline
+
+    from refiner.data import eval_transform
+    from refiner.export import export_hf
+    from refiner.pretrained import load_model, resolve_data_config
+    nano = tmp_path / 'nano'
+    assert main(['export', str(nano), '--format', 'hf', '--checkpoint', str(nano_checkpoint[0])]) == 0
+    refined = _refined_vit()
+    export_hf(refined, str(tmp_path / 'refined'), {'data_config': resolve_data_config(refined), 'classes': list('abc'),
+                                                   'model_args': refined._model_args})
+    x = torch.randn(2, 3, 16, 16)
+    img = Image.fromarray(torch.randint(0, 256, (20, 20, 3), dtype=torch.uint8).numpy())
+    for folder in (nano, tmp_path / 'refined'):
+        model, info = load_model(folder)
+        from_timm = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+        from_hf = AutoModelForImageClassification.from_pretrained(str(folder)).eval()
+        assert from_hf.config.id2label == dict(enumerate(info['classes']))
+        with torch.no_grad():
+            ref = model(x)
+            assert torch.equal(from_timm(x), ref) and torch.equal(from_hf(pixel_values=x).logits, ref)
+            probs = model(eval_transform(info['data_config'])(img)[None]).softmax(-1)[0]
+        top = pipeline('image-classification', model=str(folder))(img, top_k=3)
+        assert [t['label'] for t in top] == [info['classes'][i] for i in probs.topk(3).indices]
+        assert [t['score'] for t in top] == pytest.approx(probs.topk(3).values.tolist(), abs=1e-6)
+    assert info['classes'] == ['a', 'b', 'c'] and from_timm.refined_blocks == [1]
+
+
+def test_deit_plus_refiner_readme_command_without_img_size(tmp_path, capsys):
+    """README's ``refiner train --model deit_small_patch16_224 --finetune X.safetensors --refine all
+    --data DIR``, at a tiny scale: no --img-size, so the input size is the base model's (224)."""
+    from safetensors.torch import save_file
+    from timm.data import resolve_data_config
+    torch.manual_seed(0)
+    source = timm.create_model('vit_tiny_patch16_224', num_classes=1000, **dict(VIT, patch_size=32))
+    save_file(source.state_dict(), str(tmp_path / 'vit.safetensors'))
+    data = tmp_path / 'data'
+    for split, n in (('train', 3), ('val', 1)):
+        for c in ('a', 'b'):
+            (data / split / c).mkdir(parents=True)
+            for i in range(n):
+                _random_image(data / split / c / f'{i}.png')
+    out = tmp_path / 'run'
+    assert main(['train', '--model', 'vit_tiny_patch16_224', '--finetune', str(tmp_path / 'vit.safetensors'),
+                 '--refine', 'all', '--data', str(data), '--set', f'model_args={json.dumps(dict(VIT, patch_size=32))}',
+                 '--epochs', '1', '--batch-size', '2', '--out', str(out), '--no-progress']) == 0
+    assert 'refinement added to blocks [0, 1]' in capsys.readouterr().out
+    assert timm.models.get_pretrained_cfg_value('refined_vit', 'input_size') == (3, 224, 224)
+    assert resolve_data_config(model=timm.create_model('refined_vit'))['input_size'] == (3, 224, 224)
+    from refiner.pretrained import load_model
+    model, info = load_model(out)
+    assert info['data_config']['input_size'] == (3, 224, 224) and model.refined_blocks == [0, 1]
+
+
+def _random_image(path):
+    from PIL import Image
+    Image.fromarray(torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8).numpy()).save(path)

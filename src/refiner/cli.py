@@ -317,6 +317,10 @@ def _export(args: argparse.Namespace) -> int:
         errs, tol, what = check_torchscript(path, model, size), 1e-5, 'PyTorch'
     detail = ', '.join(f'batch {b}: {e:.1e}' for b, e in errs.items())
     print(f'wrote {path} ({args.format}, input (B, 3, {size}, {size})); max relative difference to {what}: {detail}')
+    if args.format == 'hf':
+        print(f"load it after `import refiner` (timm's registry must know the model): timm.create_model("
+              f"'local-dir:{path}', pretrained=True), or with transformers: AutoModelForImageClassification"
+              f".from_pretrained('{path}'), pipeline('image-classification', model='{path}')")
     if max(errs.values()) > tol:
         print(f'refiner export: outputs differ by more than {tol:g}', file=sys.stderr)
         return 1

@@ -102,9 +102,24 @@ def load_for_export(model_name: Optional[str], checkpoint: Optional[str], img_si
     return model, info
 
 
+def _class_count_once(config_path: Path) -> None:
+    """Keep the class count in config.json's own ``num_classes`` only: timm's ``save_for_hf`` repeats
+    it in ``model_args``, and Hugging Face transformers' timm wrapper, which passes ``num_classes``
+    and ``model_args`` to ``timm.create_model`` side by side, then fails with 'got multiple values
+    for keyword argument'. timm takes the count from the config's ``num_classes`` either way."""
+    import json
+    cfg = json.loads(config_path.read_text())
+    if cfg.get('model_args', {}).pop('num_classes', cfg.get('num_classes')) != cfg.get('num_classes'):
+        raise ExportError('config.json: model_args.num_classes disagrees with num_classes')
+    config_path.write_text(json.dumps(cfg, indent=2))  # as timm writes it
+
+
 def export_hf(model: torch.nn.Module, out_dir: str, info: Dict[str, Any]) -> Path:
     """A timm / Hugging Face Hub model folder (timm's ``save_for_hf``: config.json and
-    model.safetensors) that ``timm.create_model('local-dir:OUT_DIR')`` loads after ``import refiner``.
+    model.safetensors) that ``timm.create_model('local-dir:OUT_DIR')`` and Hugging Face transformers'
+    ``AutoModelForImageClassification.from_pretrained(OUT_DIR)`` / ``pipeline('image-classification')``
+    load after ``import refiner`` (both build the model by name through timm's registry); its
+    ``label_names`` are the classes, when ``info`` has them.
 
     The folder is written beside the target and renamed into place, so a failure leaves no partial folder.
     """
@@ -130,6 +145,7 @@ def export_hf(model: torch.nn.Module, out_dir: str, info: Dict[str, Any]) -> Pat
     try:
         save_for_hf(model, str(tmp), model_config=model_config, model_args=args, safe_serialization=True,
                     data_config=data_config)
+        _class_count_once(tmp / 'config.json')
         apply_umask(tmp)
         if out.exists():
             out.rmdir()
