@@ -124,3 +124,19 @@ def test_deit_plus_refiner_readme_command_without_img_size(tmp_path, capsys):
 def _random_image(path):
     from PIL import Image
     Image.fromarray(torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8).numpy()).save(path)
+
+
+@pytest.mark.parametrize('name', ['refiner_vit_nano', 'refined_vit'])
+def test_reparameterize_a_model_in_train_mode_as_timms_benchmark_does(name):
+    """timm's ``benchmark.py --reparam`` folds before ``.eval()``: the BatchNorms fold with their running
+    statistics in either mode, as timm's RepVGG / MobileOne do."""
+    import copy
+    model = trained_scale(timm.create_model('refiner_vit_nano', **NANO)) if name == 'refiner_vit_nano' \
+        else _refined_vit()
+    reference = copy.deepcopy(model).eval()
+    folded = timm.utils.reparameterize_model(model.train()).eval()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        ref = reference(x)
+        assert float((folded(x) - ref).abs().max() / ref.abs().max()) <= 1e-5

@@ -206,11 +206,10 @@ class RefinedAttention(nn.Module):
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        """Fold the refine norm and the ×s of a refining block into the refine module (eval only)."""
+        """Fold the refine norm and the ×s of a refining block into the refine module (running statistics,
+        in either mode, as timm's re-parameterizable models fold)."""
         if self.refine is None:
             return
-        if self.training:
-            raise RuntimeError('folding uses running statistics: call model.eval() first')
         norm = self.refine_norm
         scale, shift = batchnorm_affine(norm, self.num_heads, self.proj.weight)  # (H,) each
         if isinstance(norm, nn.BatchNorm2d) or self.refine_scale != 1.0:
