@@ -140,3 +140,29 @@ def test_reparameterize_a_model_in_train_mode_as_timms_benchmark_does(name):
     with torch.no_grad():
         ref = reference(x)
         assert float((folded(x) - ref).abs().max() / ref.abs().max()) <= 1e-5
+
+
+def test_predict_names_what_it_skipped_and_ignored_and_fails_on_nothing(tmp_path, nano_checkpoint, capsys):
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    _random_image(folder / 'good.png')
+    (folder / 'broken.png').write_bytes(b'not an image')
+    (folder / 'notes.txt').write_text('not an image either')
+    ckpt = str(nano_checkpoint[0])
+    assert main(['predict', str(folder), '--checkpoint', ckpt, '--no-progress']) == 0
+    out = capsys.readouterr().out
+    assert f'skipped {folder / "broken.png"}: not a readable image' in out
+    assert f'1 image(s) classified with refiner_vit_nano; 1 unreadable file(s) skipped; 1 non-image file(s) ' \
+           f'({folder / "notes.txt"}) ignored' in out
+    # nothing classified: exit 1, saying why
+    (folder / 'good.png').unlink()
+    argv = ['predict', str(folder), '--checkpoint', ckpt, '--no-progress', '--json', str(tmp_path / 'p.json')]
+    assert main(argv) == 1
+    captured = capsys.readouterr()
+    assert f'skipped {folder / "broken.png"}' in captured.out
+    assert 'none of the 1 file(s) could be read as an image' in captured.err
+    assert json.loads((tmp_path / 'p.json').read_text())['ignored'] == [str(folder / 'notes.txt')]
+    (folder / 'broken.png').unlink()
+    assert main(['predict', str(folder), '--checkpoint', ckpt, '--no-progress']) == 1
+    assert f'1 non-image file(s) ({folder / "notes.txt"}) ignored' in capsys.readouterr().err
+

@@ -168,6 +168,9 @@ def _predict(args: argparse.Namespace) -> int:
     for path in (args.json, args.csv):
         if path:
             print(f'wrote {path}')
+    if not res['predictions']:
+        print(f'refiner predict: none of the {len(res["skipped"])} file(s) could be read as an image', file=sys.stderr)
+        return 1
     return 0
 
 
