@@ -166,3 +166,18 @@ def test_predict_names_what_it_skipped_and_ignored_and_fails_on_nothing(tmp_path
     assert main(['predict', str(folder), '--checkpoint', ckpt, '--no-progress']) == 1
     assert f'1 non-image file(s) ({folder / "notes.txt"}) ignored' in capsys.readouterr().err
 
+
+
+def test_a_loaded_run_carries_its_data_config_in_pretrained_cfg(nano_checkpoint):
+    """``load_model`` on weights trained at 16x16: timm's resolve_data_config(model=...) picks the run's
+    preprocessing, not refiner_vit_nano's registered 32x32."""
+    from timm.data import resolve_data_config
+
+    from refiner.pretrained import load_model
+    model, info = load_model(nano_checkpoint[0])
+    resolved = resolve_data_config(model=model)
+    assert resolved == {k: tuple(v) if isinstance(v, list) else v for k, v in {
+        **DATA_CONFIG, 'crop_mode': 'center'}.items()}
+    assert model.pretrained_cfg['input_size'] == info['data_config']['input_size'] == (3, 16, 16)
+    assert model.pretrained_cfg['num_classes'] == 3
+    assert timm.create_model('refiner_vit_nano').pretrained_cfg['input_size'] == (3, 32, 32)  # the registry's own
