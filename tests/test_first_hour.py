@@ -181,3 +181,16 @@ def test_a_loaded_run_carries_its_data_config_in_pretrained_cfg(nano_checkpoint)
     assert model.pretrained_cfg['input_size'] == info['data_config']['input_size'] == (3, 16, 16)
     assert model.pretrained_cfg['num_classes'] == 3
     assert timm.create_model('refiner_vit_nano').pretrained_cfg['input_size'] == (3, 32, 32)  # the registry's own
+
+
+def test_version_and_no_progress_on_every_long_command(capsys):
+    from refiner import __version__
+    from refiner.cli import build_parser
+    with pytest.raises(SystemExit) as exit_:
+        main(['--version'])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith(f'refiner {__version__} (timm ')
+    parser = build_parser()
+    for argv in (['train'], ['eval', '--checkpoint', 'R'], ['predict', 'x.png', '--checkpoint', 'R'],
+                 ['analyze', 'cka', '--checkpoint', 'R'], ['analyze', 'attention', '--checkpoint', 'R'],
+                 ['ablate'], ['bench'], ['export', 'out.onnx', '--format', 'onnx']):
+        assert parser.parse_args([*argv, '--no-progress']).no_progress is True, argv

@@ -129,12 +129,13 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--workers', type=int, default=0)
     p.add_argument('--confusion', metavar='PNG', help='write the confusion matrix as a PNG')
     p.add_argument('--json', metavar='FILE', help='write the metrics as JSON')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
 
 
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_checkpoint, format_report, plot_confusion, save_json
     res = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.ema, args.batch_size, args.device,
-                              args.workers, model_name=args.model)
+                              args.workers, progress=not args.no_progress, model_name=args.model)
     print(format_report(res))
     if args.confusion:
         print(f'confusion matrix: {plot_confusion(res["confusion"], res["classes"], args.confusion)}')
@@ -242,6 +243,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--steps', type=int, default=5, help='timed steps per process')
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--json', metavar='FILE', help='write the report (default: runs/bench/bench-<time>.json)')
+    p.add_argument('--no-progress', action='store_true', help="no 'round i/n' lines")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -270,7 +272,8 @@ def _bench(args: argparse.Namespace) -> int:
                            amp=args.amp, compile=args.compile, reparameterize=not args.no_reparameterize,
                            steps=args.steps, warmup=args.warmup)
                for m, kw in models for mode in modes for b in args.batch_size for s in args.img_size]
-    report = run_bench(configs, None if args.reference == 'none' else args.reference, rounds=args.rounds)
+    report = run_bench(configs, None if args.reference == 'none' else args.reference, rounds=args.rounds,
+                       progress=not args.no_progress)
     print(format_table(report))
     path = args.json or f'runs/bench/bench-{time.strftime("%Y%m%d-%H%M%S")}.json'
     save_report(report, path)
@@ -289,6 +292,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--img-size', type=int)
     p.add_argument('--opset', type=int, default=18)
     p.add_argument('--no-reparameterize', action='store_true', help='export without re-parameterizing')
+    p.add_argument('--no-progress', action='store_true', help='accepted as by every long command (export shows none)')
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -360,8 +364,14 @@ _register_analysis()
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import timm
+    import torch
+
+    from . import __version__
     parser = argparse.ArgumentParser(
         prog='refiner', description='Refiner: refined self-attention for vision transformers')
+    parser.add_argument('--version', action='version',
+                        version=f'refiner {__version__} (timm {timm.__version__}, torch {torch.__version__})')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     for name, (add_arguments, _, help_text) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))
