@@ -194,3 +194,31 @@ def test_version_and_no_progress_on_every_long_command(capsys):
                  ['analyze', 'cka', '--checkpoint', 'R'], ['analyze', 'attention', '--checkpoint', 'R'],
                  ['ablate'], ['bench'], ['export', 'out.onnx', '--format', 'onnx']):
         assert parser.parse_args([*argv, '--no-progress']).no_progress is True, argv
+
+
+def test_onnx_height_and_width_are_dynamic_where_the_model_allows(tmp_path, nano_checkpoint, capsys):
+    """A Refiner-ViT resamples its position embeddings: its ONNX file takes any multiple of the patch
+    size; a timm ViT of fixed size says so, and refuses another size."""
+    import onnxruntime as ort
+
+    from refiner.export import export_onnx, onnx_input_shape, prepare
+    path = tmp_path / 'nano.onnx'
+    assert main(['export', str(path), '--checkpoint', str(nano_checkpoint[0]), '--format', 'onnx']) == 0
+    out = capsys.readouterr().out
+    assert 'input (B, 3, 16, 16), height and width any multiple of 4' in out and '16x20: ' in out
+    assert [isinstance(d, int) for d in onnx_input_shape(path)] == [False, True, False, False]
+    model = prepare(nano_checkpoint[1])
+    sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    for shape in ((2, 3, 32, 32), (1, 3, 24, 12)):
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            ref = model(x)
+        got = torch.from_numpy(sess.run(None, {'images': x.numpy()})[0])
+        assert float((got - ref).abs().max() / ref.abs().max()) <= 1e-4, shape
+    vit = timm.create_model('vit_tiny_patch16_224', img_size=16, num_classes=3, **VIT).eval()
+    fixed = export_onnx(vit, str(tmp_path / 'vit.onnx'), img_size=16)
+    assert onnx_input_shape(fixed)[1:] == (3, 16, 16)
+    from onnxruntime.capi.onnxruntime_pybind11_state import InvalidArgument
+    with pytest.raises(InvalidArgument, match='Got invalid dimensions'):
+        ort.InferenceSession(str(fixed), providers=['CPUExecutionProvider']).run(
+            None, {'images': torch.randn(1, 3, 32, 32).numpy()})

@@ -322,8 +322,13 @@ def _export(args: argparse.Namespace) -> int:
         model = prepare(model, reparameterize=not args.no_reparameterize)
         path = export_torchscript(model, args.out)
         errs, tol, what = check_torchscript(path, model, size), 1e-5, 'PyTorch'
-    detail = ', '.join(f'batch {b}: {e:.1e}' for b, e in errs.items())
-    print(f'wrote {path} ({args.format}, input (B, 3, {size}, {size})); max relative difference to {what}: {detail}')
+    detail = ', '.join(f'batch {b}: {e:.1e}' if isinstance(b, int) else f'{b}: {e:.1e}' for b, e in errs.items())
+    shape = f'(B, 3, {size}, {size})'
+    if args.format == 'onnx':
+        from .export import input_stride, onnx_input_shape
+        shape += (f', height and width any multiple of {input_stride(model)}'
+                  if not isinstance(onnx_input_shape(path)[2], int) else ', height and width fixed')
+    print(f'wrote {path} ({args.format}, input {shape}); max relative difference to {what}: {detail}')
     if args.format == 'hf':
         print(f"load it after `import refiner` (timm's registry must know the model): timm.create_model("
               f"'local-dir:{path}', pretrained=True), or with transformers: AutoModelForImageClassification"
