@@ -137,13 +137,15 @@ def _eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--workers', type=int, default=0)
     p.add_argument('--confusion', metavar='PNG', help='write the confusion matrix as a PNG')
     p.add_argument('--json', metavar='FILE', help='write the metrics as JSON')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
     _model_dtype_arg(p)
 
 
 def _eval(args: argparse.Namespace) -> int:
     from .evaluate import evaluate_checkpoint, format_report, plot_confusion, save_json
     res = evaluate_checkpoint(args.checkpoint, args.data, args.split, args.ema, args.batch_size, args.device,
-                              args.workers, model_name=args.model, dtype=args.model_dtype)
+                              args.workers, progress=not args.no_progress, model_name=args.model,
+                              dtype=args.model_dtype)
     print(format_report(res))
     if args.confusion:
         print(f'confusion matrix: {plot_confusion(res["confusion"], res["classes"], args.confusion)}')
@@ -178,6 +180,9 @@ def _predict(args: argparse.Namespace) -> int:
     for path in (args.json, args.csv):
         if path:
             print(f'wrote {path}')
+    if not res['predictions']:
+        print(f'refiner predict: none of the {len(res["skipped"])} file(s) could be read as an image', file=sys.stderr)
+        return 1
     return 0
 
 
@@ -250,6 +255,7 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--steps', type=int, default=5, help='timed steps per process')
     p.add_argument('--warmup', type=int, default=2)
     p.add_argument('--json', metavar='FILE', help='write the report (default: runs/bench/bench-<time>.json)')
+    p.add_argument('--no-progress', action='store_true', help="no 'round i/n' lines")
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -281,7 +287,8 @@ def _bench(args: argparse.Namespace) -> int:
                            reparameterize=not args.no_reparameterize, steps=args.steps, warmup=args.warmup)
                for m, kw in models for mode in modes for b in args.batch_size for s in args.img_size
                for dtype in args.model_dtype]
-    report = run_bench(configs, None if args.reference == 'none' else args.reference, rounds=args.rounds)
+    report = run_bench(configs, None if args.reference == 'none' else args.reference, rounds=args.rounds,
+                       progress=not args.no_progress)
     print(format_table(report))
     path = args.json or f'runs/bench/bench-{time.strftime("%Y%m%d-%H%M%S")}.json'
     save_report(report, path)
@@ -300,6 +307,7 @@ def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--img-size', type=int)
     p.add_argument('--opset', type=int, default=18)
     p.add_argument('--no-reparameterize', action='store_true', help='export without re-parameterizing')
+    p.add_argument('--no-progress', action='store_true', help='accepted as by every long command (export shows none)')
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -329,8 +337,17 @@ def _export(args: argparse.Namespace) -> int:
         model = prepare(model, reparameterize=not args.no_reparameterize)
         path = export_torchscript(model, args.out)
         errs, tol, what = check_torchscript(path, model, size), 1e-5, 'PyTorch'
-    detail = ', '.join(f'batch {b}: {e:.1e}' for b, e in errs.items())
-    print(f'wrote {path} ({args.format}, input (B, 3, {size}, {size})); max relative difference to {what}: {detail}')
+    detail = ', '.join(f'batch {b}: {e:.1e}' if isinstance(b, int) else f'{b}: {e:.1e}' for b, e in errs.items())
+    shape = f'(B, 3, {size}, {size})'
+    if args.format == 'onnx':
+        from .export import input_stride, onnx_input_shape
+        shape += (f', height and width any multiple of {input_stride(model)}'
+                  if not isinstance(onnx_input_shape(path)[2], int) else ', height and width fixed')
+    print(f'wrote {path} ({args.format}, input {shape}); max relative difference to {what}: {detail}')
+    if args.format == 'hf':
+        print(f"load it after `import refiner` (timm's registry must know the model): timm.create_model("
+              f"'local-dir:{path}', pretrained=True), or with transformers: AutoModelForImageClassification"
+              f".from_pretrained('{path}'), pipeline('image-classification', model='{path}')")
     if max(errs.values()) > tol:
         print(f'refiner export: outputs differ by more than {tol:g}', file=sys.stderr)
         return 1
@@ -367,8 +384,14 @@ _register_analysis()
 
 
 def build_parser() -> argparse.ArgumentParser:
+    import timm
+    import torch
+
+    from . import __version__
     parser = argparse.ArgumentParser(
         prog='refiner', description='Refiner: refined self-attention for vision transformers')
+    parser.add_argument('--version', action='version',
+                        version=f'refiner {__version__} (timm {timm.__version__}, torch {torch.__version__})')
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     for name, (add_arguments, _, help_text) in COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=help_text))

@@ -1,13 +1,14 @@
-"""``refiner export``: ONNX (dynamic batch, checked with onnxruntime), TorchScript files, and timm /
+"""``refiner export``: ONNX (dynamic batch, and dynamic height and width where the model takes any input
+size, checked with onnxruntime), TorchScript files, and timm /
 Hugging Face Hub model folders (checked through ``timm.create_model('local-dir:...')``)."""
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple, Union
 
 import timm
 import torch
 
 __all__ = ['export_onnx', 'export_torchscript', 'export_hf', 'check_onnx', 'check_torchscript', 'check_hf',
-           'ExportError']
+           'ExportError', 'input_stride', 'onnx_input_shape']
 
 
 class ExportError(RuntimeError):
@@ -34,16 +35,33 @@ def prepare(model: torch.nn.Module, reparameterize: bool = True) -> torch.nn.Mod
     return timm.utils.reparameterize_model(model) if reparameterize else model
 
 
+def input_stride(model: torch.nn.Module) -> Optional[int]:
+    """The multiple of which a model takes any input height and width (Refiner-ViT, which resamples its
+    position embeddings; a timm ViT built with ``dynamic_img_size=True``); None: a fixed input size."""
+    from .models.refiner_vit import RefinerViT
+    pe = getattr(model, 'patch_embed', None)
+    patch = getattr(pe, 'patch_size', None)
+    if patch is None or not (isinstance(model, RefinerViT) or getattr(pe, 'dynamic_img_size', False)):
+        return None
+    return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
+
+
 def export_onnx(model: torch.nn.Module, path: str, img_size: int, opset: int = 18, in_chans: int = 3) -> Path:
-    """Export with a dynamic batch dimension (torch.export-based exporter, opset >= 17)."""
+    """Export with a dynamic batch dimension, and dynamic height and width (multiples of
+    :func:`input_stride`) where the model takes any input size (torch.export-based exporter, opset >= 17).
+    :func:`onnx_input_shape` tells which dimensions the file left dynamic."""
     if opset < 17:
         raise ExportError(f'opset {opset}: LayerNorm needs opset 17 or later')
     x = torch.randn(2, in_chans, img_size, img_size)
-    batch = torch.export.Dim('batch', min=1, max=4096)
+    dims: Dict[int, Any] = {0: torch.export.Dim('batch', min=1, max=4096)}
+    stride = input_stride(model)
+    if stride and img_size % stride == 0:
+        dims[2] = stride * torch.export.Dim('height', min=1, max=1024)
+        dims[3] = stride * torch.export.Dim('width', min=1, max=1024)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     try:
-        program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, dynamic_shapes={'x': {0: batch}},
+        program = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, dynamic_shapes={'x': dims},
                                     input_names=['images'], output_names=['logits'], verbose=False)
         program.save(str(out))
     except Exception as e:  # the exporter's own errors are long; keep the first line
@@ -51,18 +69,31 @@ def export_onnx(model: torch.nn.Module, path: str, img_size: int, opset: int = 1
     return out
 
 
+def onnx_input_shape(path: str) -> Tuple[Union[int, str], ...]:
+    """The input shape an ONNX file declares: an int per fixed dimension, a name per dynamic one."""
+    import onnx
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape.dim
+    return tuple(d.dim_value if d.HasField('dim_value') else d.dim_param for d in dims)
+
+
 def check_onnx(path: str, model: torch.nn.Module, img_size: int, batches: Sequence[int] = (1, 3),
-               in_chans: int = 3) -> Dict[int, float]:
-    """onnxruntime vs PyTorch, max |diff| / max |output| per batch size."""
+               in_chans: int = 3) -> Dict[Union[int, str], float]:
+    """onnxruntime vs PyTorch, max |diff| / max |output| per batch size; for a file with dynamic height
+    and width, also at twice the size and at a non-square size (batch 1, keys '64x64', '32x48')."""
     import onnxruntime as ort
     sess = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     name = sess.get_inputs()[0].name
-    errs = {}
-    for b in batches:
-        x = torch.randn(b, in_chans, img_size, img_size)
+    shapes: Dict[Union[int, str], Tuple[int, ...]] = {b: (b, in_chans, img_size, img_size) for b in batches}
+    stride = input_stride(model)
+    if stride and not isinstance(onnx_input_shape(path)[2], int):
+        shapes[f'{2 * img_size}x{2 * img_size}'] = (1, in_chans, 2 * img_size, 2 * img_size)
+        shapes[f'{img_size}x{img_size + stride}'] = (1, in_chans, img_size, img_size + stride)
+    errs: Dict[Union[int, str], float] = {}
+    for key, shape in shapes.items():
+        x = torch.randn(*shape)
         with torch.no_grad():
             ref = model(x)
-        errs[b] = _rel_err(torch.from_numpy(sess.run(None, {name: x.numpy()})[0]), ref)
+        errs[key] = _rel_err(torch.from_numpy(sess.run(None, {name: x.numpy()})[0]), ref)
     return errs
 
 
@@ -102,17 +133,32 @@ def load_for_export(model_name: Optional[str], checkpoint: Optional[str], img_si
     return model, info
 
 
+def _class_count_once(config_path: Path) -> None:
+    """Keep the class count in config.json's own ``num_classes`` only: timm's ``save_for_hf`` repeats
+    it in ``model_args``, and Hugging Face transformers' timm wrapper, which passes ``num_classes``
+    and ``model_args`` to ``timm.create_model`` side by side, then fails with 'got multiple values
+    for keyword argument'. timm takes the count from the config's ``num_classes`` either way."""
+    import json
+    cfg = json.loads(config_path.read_text())
+    if cfg.get('model_args', {}).pop('num_classes', cfg.get('num_classes')) != cfg.get('num_classes'):
+        raise ExportError('config.json: model_args.num_classes disagrees with num_classes')
+    config_path.write_text(json.dumps(cfg, indent=2))  # as timm writes it
+
+
 def export_hf(model: torch.nn.Module, out_dir: str, info: Dict[str, Any]) -> Path:
     """A timm / Hugging Face Hub model folder (timm's ``save_for_hf``: config.json and
-    model.safetensors) that ``timm.create_model('local-dir:OUT_DIR')`` loads after ``import refiner``.
+    model.safetensors) that ``timm.create_model('local-dir:OUT_DIR')`` and Hugging Face transformers'
+    ``AutoModelForImageClassification.from_pretrained(OUT_DIR)`` / ``pipeline('image-classification')``
+    load after ``import refiner`` (both build the model by name through timm's registry); its
+    ``label_names`` are the classes, when ``info`` has them.
 
     The folder is written beside the target and renamed into place, so a failure leaves no partial folder.
     """
     import shutil
-    import tempfile
 
     from timm.models import save_for_hf
 
+    from .fileio import apply_umask, make_temp_dir
     from .pretrained import DATA_CONFIG_KEYS
 
     out = Path(out_dir)
@@ -126,10 +172,12 @@ def export_hf(model: torch.nn.Module, out_dir: str, info: Dict[str, Any]) -> Pat
     args = {k: v for k, v in (info.get('model_args') or {}).items()  # what rebuilds it, not how it trained
             if k != 'pretrained_cfg' and not (k.startswith('drop') or k.endswith('drop_rate'))}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.', dir=out.parent))
+    tmp = make_temp_dir(out.parent, out.name)
     try:
         save_for_hf(model, str(tmp), model_config=model_config, model_args=args, safe_serialization=True,
                     data_config=data_config)
+        _class_count_once(tmp / 'config.json')
+        apply_umask(tmp)
         if out.exists():
             out.rmdir()
         tmp.rename(out)

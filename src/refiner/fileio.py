@@ -2,6 +2,9 @@
 folder, fsync, then an atomic rename over the target, then fsync of the folder. A process killed
 outright (SIGKILL) runs no cleanup and leaves its temporary behind: :func:`remove_temporaries`.
 
+What is renamed into place gets the permissions that ``open()`` / ``mkdir`` would give under the
+current umask: ``tempfile`` (and safetensors' own writer) make files private, 0600 / 0700.
+
 :func:`exclusive_lock`: one process at a time, with no stale lock after a kill."""
 import os
 import tempfile
@@ -14,9 +17,39 @@ try:
 except ImportError:  # Windows
     fcntl = None
 
-__all__ = ['atomic_write', 'atomic_write_text', 'remove_temporaries', 'exclusive_lock']
+__all__ = ['apply_umask', 'atomic_write', 'atomic_write_text', 'exclusive_lock', 'make_temp_dir',
+           'remove_temporaries']
 
 _TMP_PREFIX, _TMP_SUFFIX = '.', '.tmp'  # a temporary is '.NAME.RANDOM.tmp' beside NAME
+
+
+def _umask() -> int:
+    """The process umask (read without a window where it is changed, where Linux reports it)."""
+    try:
+        with open('/proc/self/status') as f:
+            for line in f:
+                if line.startswith('Umask:'):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def apply_umask(path: Union[str, os.PathLike]) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the permissions that ``open()`` / ``mkdir``
+    give new files and folders under the current umask."""
+    mask = _umask()
+    path = Path(path)
+    for p in [path, *(path.rglob('*') if path.is_dir() else ())]:
+        if not p.is_symlink():
+            os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def make_temp_dir(parent: Union[str, os.PathLike], name: str) -> Path:
+    """A new hidden folder in ``parent``, to be filled, given :func:`apply_umask` and renamed into place as ``name``."""
+    return Path(tempfile.mkdtemp(prefix=f'.{name}.', dir=parent))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -40,6 +73,7 @@ def atomic_write(path: Union[str, os.PathLike], write: Callable[[str], None]) ->
     os.close(fd)
     try:
         write(tmp)
+        apply_umask(tmp)  # as open(path, 'w') would have created it
         with open(tmp, 'rb') as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)

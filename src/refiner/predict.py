@@ -3,7 +3,8 @@
 Preprocessing is the model's own eval transform (what its run used, else its pretrained config);
 class names come from the source (a run's class folders, a Hub folder's label names), else
 ImageNet's for a 1000-class model (timm's ``ImageNetInfo``, no download), else class indices.
-A file that cannot be read as an image is skipped and counted, never fatal.
+A file that cannot be read as an image is skipped and named, never fatal; files in folders without an
+image extension are ignored and named too. Nothing classified is an error (``refiner predict`` exits 1).
 """
 import csv
 import json
@@ -24,9 +25,11 @@ from .pretrained import load_model
 __all__ = ['find_images', 'predict', 'class_names', 'write_predictions']
 
 
-def find_images(inputs: Sequence[str]) -> List[str]:
-    """Image files among ``inputs``, folders searched recursively (sorted, hidden files skipped)."""
+def find_images(inputs: Sequence[str], ignored: Optional[List[str]] = None) -> List[str]:
+    """Image files among ``inputs``, folders searched recursively (sorted, hidden files skipped); the
+    other files found in folders (no image extension) are appended to ``ignored`` where given."""
     found: List[str] = []
+    others: List[str] = []
     seen = set()  # real folders walked, so that a symlink loop ends
     for item in inputs:
         path = Path(item).expanduser()
@@ -38,15 +41,24 @@ def find_images(inputs: Sequence[str]) -> List[str]:
                     continue
                 seen.add(real)
                 dirnames[:] = sorted(d for d in dirnames if not d.startswith('.'))
-                found += [os.path.join(dirpath, f) for f in sorted(files)
-                          if f.lower().endswith(IMG_EXTENSIONS) and not f.startswith('.')]
+                for f in sorted(f for f in files if not f.startswith('.')):
+                    (found if f.lower().endswith(IMG_EXTENSIONS) else others).append(os.path.join(dirpath, f))
         elif path.is_file():
             found.append(str(path))  # named explicitly: tried whatever its extension
         else:
             raise DataError(f'{item}: no such file or folder')
+    if ignored is not None:
+        ignored += others
     if not found:
-        raise DataError(f'no image files ({", ".join(IMG_EXTENSIONS)}) in {", ".join(inputs)}')
+        also = f'; {_named(others)} ignored' if others else ''
+        raise DataError(f'no image files ({", ".join(IMG_EXTENSIONS)}) in {", ".join(inputs)}{also}')
     return found
+
+
+def _named(files: Sequence[str], limit: int = 5) -> str:
+    """'3 non-image file(s) (a.txt, b.csv, c)', at most ``limit`` of them named."""
+    names = ', '.join(files[:limit]) + (f', ... {len(files) - limit} more' if len(files) > limit else '')
+    return f'{len(files)} non-image file(s) ({names})'
 
 
 def class_names(num_classes: int, classes: Optional[Sequence[str]]) -> List[str]:
@@ -91,7 +103,8 @@ def predict(inputs: Sequence[str], checkpoint: str, topk: int = 5, batch_size: i
     ('float32', 'float16', 'bfloat16': timm's ``--model-dtype``; default: as stored).
 
     Returns ``predictions`` (one dict per image: file, top-k labels, indices and probabilities),
-    ``skipped`` (unreadable files), ``classes`` and the ``data_config`` used.
+    ``skipped`` (unreadable files), ``ignored`` (files in the folders without an image extension),
+    ``classes`` and the ``data_config`` used.
     """
     if topk < 1:
         raise DataError(f'--topk must be at least 1, got {topk}')
@@ -101,7 +114,8 @@ def predict(inputs: Sequence[str], checkpoint: str, topk: int = 5, batch_size: i
     if not num_classes:
         raise DataError(f'{checkpoint} has no classifier head (num_classes 0): nothing to predict')
     names = class_names(num_classes, info['classes'])
-    paths = find_images(inputs)
+    ignored: List[str] = []
+    paths = find_images(inputs, ignored)
     loader = DataLoader(_Files(paths, eval_transform(info['data_config'])), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate)
     k = min(topk, num_classes)
@@ -116,7 +130,7 @@ def predict(inputs: Sequence[str], checkpoint: str, topk: int = 5, batch_size: i
         for i, p, c in zip(index, top.values.tolist(), top.indices.tolist()):
             predictions.append({'file': paths[i], 'labels': [names[j] for j in c], 'indices': c, 'probs': p})
     return {'checkpoint': str(checkpoint), 'model': info['model_name'], 'data_config': info['data_config'],
-            'classes': names, 'predictions': predictions, 'skipped': skipped}
+            'classes': names, 'predictions': predictions, 'skipped': skipped, 'ignored': ignored}
 
 
 def write_predictions(result: Dict[str, Any], json_path: Optional[str] = None, csv_path: Optional[str] = None) -> None:
@@ -144,7 +158,9 @@ def format_predictions(result: Dict[str, Any], limit: int = 20) -> str:
         lines.append(f'{p["file"]}: {top}')
     if len(result['predictions']) > limit:
         lines.append(f'... {len(result["predictions"]) - limit} more')
-    n, bad = len(result['predictions']), len(result['skipped'])
+    lines += [f'skipped {path}: not a readable image' for path in result['skipped']]
+    n, bad, ignored = len(result['predictions']), len(result['skipped']), result.get('ignored') or []
     lines.append(f'{n} image(s) classified with {result["model"]}' + (f'; {bad} unreadable file(s) skipped'
-                                                                    if bad else ''))
+                                                                    if bad else '')
+                 + (f'; {_named(ignored)} ignored' if ignored else ''))
     return '\n'.join(lines)

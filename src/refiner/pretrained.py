@@ -231,10 +231,22 @@ def load_model(src: Union[str, Path, Source], model_name: Optional[str] = None, 
             raise CheckpointError(f'{name} cannot change its input size to {img_size}')
         model.set_input_size(img_size)  # resample the position embeddings
         args['img_size'] = img_size  # what rebuilds it (an export) at this size
+    data_config = resolve_data_config(model, source.data_config, img_size)
+    _carry_data_config(model, data_config)
     info = {'source': source.description, 'model_name': name, 'model_args': args,
-            'data_config': resolve_data_config(model, source.data_config, img_size), 'classes': source.classes,
-            'config': source.run_config}
+            'data_config': data_config, 'classes': source.classes, 'config': source.run_config}
     return model.to(device=device, dtype=dtype).eval(), info
+
+
+def _carry_data_config(model: nn.Module, data_config: Dict[str, Any]) -> None:
+    """Make the model's ``pretrained_cfg`` describe the weights loaded (the eval preprocessing their run
+    used), so that ``timm.data.resolve_data_config(model=model)`` and timm's tools pick it, as they do
+    for a model folder ``refiner export --format hf`` wrote."""
+    cfg = getattr(model, 'pretrained_cfg', None)
+    if isinstance(cfg, dict):
+        cfg = {k: v for k, v in cfg.items() if k not in ('test_input_size', 'test_crop_pct')}
+        model.pretrained_cfg = model.default_cfg = dict(cfg, **data_config, num_classes=getattr(
+            model, 'num_classes', cfg.get('num_classes')))
 
 
 def classifier_names(model: nn.Module) -> List[str]:

@@ -13,8 +13,9 @@ from typing import Any, Dict, Iterable, List, Optional, Union
 
 import timm
 import torch
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import Attention
-from timm.models import load_pretrained, register_model
+from timm.models import generate_default_cfgs, load_pretrained, register_model
 from torch import nn
 
 from .layers import DistributedLocalAttention, RefinedAttention
@@ -120,6 +121,15 @@ def refine_vit(
     return model
 
 
+# the registered pretrained cfg of `refined_vit` (no weights): its default base model's, DeiT-S's, as
+# timm's resolve_data_config and get_pretrained_cfg_value expect of every model; a model built from
+# another base carries that base's cfg
+default_cfgs = generate_default_cfgs({'refined_vit': dict(
+    num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.875, interpolation='bicubic',
+    fixed_input_size=True, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv='patch_embed.proj',
+    classifier='head', license='apache-2.0')})
+
+
 @register_model
 def refined_vit(pretrained: bool = False, base_model: str = 'deit_small_patch16_224',
                 refine_blocks: Union[str, int, List[int]] = 'all', refine_mode: str = 'inverted_residual',
@@ -135,6 +145,8 @@ def refined_vit(pretrained: bool = False, base_model: str = 'deit_small_patch16_
     """
     if not timm.is_model(base_model) or base_model == 'refined_vit':
         raise ValueError(f'base_model {base_model!r}: expected a timm ViT model name such as deit_small_patch16_224')
+    if pretrained_cfg and pretrained_cfg.get('num_classes') is not None:
+        kwargs.setdefault('num_classes', pretrained_cfg['num_classes'])  # a model folder's (local-dir:), as timm's
     model = timm.create_model(base_model, **kwargs)
     refine_vit(model, refine_blocks, refine_mode=refine_mode, expansion_ratio=expansion_ratio,
                refine_kernel_size=refine_kernel_size, refine_layout=refine_layout)

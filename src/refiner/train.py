@@ -277,7 +277,8 @@ def _resolve_img_size(cfg: TrainConfig, data: Datasets, source: Optional[Source]
     if img_size is None and source is not None:
         img_size = source.model_args.get('img_size') or (source.data_config or {}).get('input_size', [None])[-1]
     if img_size is None:
-        default = timm.models.get_pretrained_cfg_value(cfg.model, 'input_size')
+        # a retrofit (refined_vit) takes its base model's input size
+        default = timm.models.get_pretrained_cfg_value(cfg.model_args.get('base_model', cfg.model), 'input_size')
         img_size = default[-1] if default else 224
     return int(img_size[-1] if isinstance(img_size, (list, tuple)) else img_size)  # (H, W) or (C, H, W): H == W
 

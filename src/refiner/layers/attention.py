@@ -211,11 +211,10 @@ class RefinedAttention(nn.Module):
 
     @torch.no_grad()
     def reparameterize(self) -> None:
-        """Fold the refine norm and the ×s of a refining block into the refine module (eval only)."""
+        """Fold the refine norm and the ×s of a refining block into the refine module (running statistics,
+        in either mode, as timm's re-parameterizable models fold)."""
         if self.refine is None:
             return
-        if self.training:
-            raise RuntimeError('folding uses running statistics: call model.eval() first')
         if isinstance(self.refine_norm, nn.BatchNorm2d) or self.refine_scale != 1.0:
             self.refine.reparameterize(*self._refined_affine())
         self.refine_norm = nn.Identity()

@@ -240,9 +240,8 @@ class DistributedLocalAttention(nn.Module):
         """Fold the BatchNorms, and a per-head affine ``out_scale·y + out_shift`` applied to this
         module's output, into the convolutions, for inference (eval mode; outputs unchanged up to
         rounding); the ``linear`` form becomes one k×k convolution. timm's
-        ``reparameterize_model`` calls this without an affine."""
-        if self.training:
-            raise RuntimeError('folding uses running statistics: call model.eval() first')
+        ``reparameterize_model`` calls this without an affine. BatchNorms fold with their running
+        statistics in either mode (timm's ``benchmark.py --reparam`` folds before ``.eval()``)."""
         if self.reparameterized and out_scale is None and out_shift is None:
             return
         self.reparameterized = True

@@ -41,12 +41,10 @@ class BatchNorm2d(nn.BatchNorm2d):
 
 
 def batchnorm_affine(norm: nn.Module, channels: int, like: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """An eval-mode BatchNorm over ``channels`` as the per-channel affine y = scale·x + shift (an
-    Identity: 1, 0), in ``like``'s dtype and device."""
+    """A BatchNorm as its eval-mode per-channel affine y = scale·x + shift, from its running statistics
+    whatever its mode (an Identity: 1, 0), in ``like``'s dtype and device."""
     if not isinstance(norm, nn.BatchNorm2d):
         return like.new_ones(channels), like.new_zeros(channels)
-    if norm.training:
-        raise RuntimeError('folding uses running statistics: call model.eval() first')
     assert norm.running_var is not None and norm.running_mean is not None
     gamma = norm.weight if norm.weight is not None else torch.ones_like(norm.running_var)
     beta = norm.bias if norm.bias is not None else torch.zeros_like(norm.running_mean)
