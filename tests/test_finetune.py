@@ -58,6 +58,7 @@ def test_finetune_on_other_classes_records_the_start_and_reinitialises_the_head(
           '--batch-size', '16', '--train-fraction', '0.1', '--out', str(out), '--no-progress'])
     printed = capsys.readouterr().out
     assert 're-initialised head (other classes, 5 -> 5 classes)' in printed
+    assert 'input 16x16 px (img_size of the recipe or --img-size; --img-size N' in printed  # the load report's
     cfg = yaml.safe_load((out / 'config.yaml').read_text())
     assert cfg['model'] == 'refiner_vit_nano' and cfg['model_args']['embed_dim'] == 32  # from the source
     epochs = [m['epoch'] for m in _metrics(out)]
@@ -195,6 +196,57 @@ def test_a_token_labeling_head_follows_the_recipe(official, tmp_path):
                     out=str(tmp_path / 'r'), progress=False)
     model, _ = load_model(tmp_path / 'r')
     assert model.aux_head is None and summary['epochs'] == 1
+
+
+def test_the_learning_rate_follows_timms_scaling_rule():
+    """lr is given for lr_base_size images: adaptive optimizers scale it by the square root of the batch
+    ratio (timm's rule), the others linearly; lr_base_scale overrides it; the from-scratch recipes keep
+    the linear rule they were tuned with."""
+    from refiner.config import ConfigError, lr_scale_rule, scaled_lr
+    rules = [lr_scale_rule(o) for o in ('adamw', 'AdamW', 'nadam', 'lamb', 'adafactor', 'sgd', 'momentum')]
+    assert rules == ['sqrt'] * 5 + ['linear'] * 2
+    cfg = apply_overrides(load_recipe('finetune'), dict(batch_size=8))
+    lr, rule, line = scaled_lr(cfg, 8)
+    assert rule == 'sqrt' and lr == pytest.approx(cfg.lr * (8 / 512) ** 0.5)
+    assert line.startswith(f'learning rate {lr:.3g} = lr {cfg.lr:.3g} (for a batch of 512) x sqrt(8/512)')
+    assert "sqrt scaling (timm's rule for adamw; lr_base_scale overrides it)" in line
+    lr, rule, line = scaled_lr(apply_overrides(load_recipe('finetune'), dict(lr_base_scale='linear')), 8)
+    assert rule == 'linear' and lr == pytest.approx(cfg.lr * 8 / 512) and 'x 8/512' in line
+    assert 'linear scaling (set by lr_base_scale)' in line
+    assert scaled_lr(apply_overrides({}, dict(opt='sgd')), 1024)[0] == pytest.approx(2 * TrainConfig.lr)
+    for name in ('default', 'refiner_s', 'refiner_m_tl', 'refiner_l_384'):
+        assert load_recipe(name)['lr_base_scale'] == 'linear', name
+    with pytest.raises(ConfigError, match='lr_base_scale'):
+        apply_overrides({}, dict(lr_base_scale='cube'))
+
+
+def test_a_finetune_run_says_its_learning_rate_and_input_size(pretrained_run, tmp_path, capsys):
+    """The run's first lines: the learning rate and how it was derived, then the load report with the
+    input size and where it came from; config.yaml records the rule, so that a resume scales alike."""
+    out = tmp_path / 'ft'
+    main(['train', '--config', 'finetune', '--finetune', str(pretrained_run), '--classes', '5', '6', '7', '8', '9',
+          '--epochs', '1', '--batch-size', '8', '--train-fraction', '0.1', '--img-size', '24', '--out', str(out),
+          '--no-progress'])
+    lines = capsys.readouterr().out.splitlines()
+    lr = 1e-4 * (8 / 512) ** 0.5
+    assert lines[1] == (f'learning rate {lr:.3g} = lr 0.0001 (for a batch of 512) x sqrt(8/512) (global batch 8): '
+                        f"sqrt scaling (timm's rule for adamw; lr_base_scale overrides it)")
+    assert lines[2].startswith('loaded ') and 'resampled pos_embed (17 -> 37 tokens)' in lines[2]
+    assert lines[2].endswith('; input 24x24 px (img_size of the recipe or --img-size; --img-size N to change it)')
+    assert yaml.safe_load((out / 'config.yaml').read_text())['lr_base_scale'] == 'sqrt'
+
+
+def test_without_a_size_of_its_own_a_finetune_keeps_the_sources_and_says_so(pretrained_run):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from refiner.train import _resolve_img_size
+    source = read_source(pretrained_run)
+    photos = SimpleNamespace(default_img_size=None)  # an image folder: no size of its own
+    cfg = dataclasses.replace(_cfg(model=None), img_size=None)  # as the finetune recipe: no img_size
+    assert _resolve_img_size(cfg, photos, source) == (16, "the source's: the size its weights were trained at")
+    assert _resolve_img_size(dataclasses.replace(cfg, img_size=32), photos, source) == (
+        32, 'img_size of the recipe or --img-size')
 
 
 def test_finetune_drops_the_recipes_model_arguments():

@@ -61,7 +61,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--out', help='run directory (default: runs/<model>-<time>)')
     p.add_argument('--epochs', type=int)
     p.add_argument('--batch-size', type=int, help='per process')
-    p.add_argument('--lr', type=float, help='learning rate for a global batch of lr_base_size (scaled linearly)')
+    p.add_argument('--lr', type=float, help='learning rate for a global batch of lr_base_size, scaled by lr_base_scale '
+                   '(default: timm\'s rule, sqrt for adaptive optimizers, else linear)')
     p.add_argument('--img-size', type=int)
     p.add_argument('--seed', type=int)
     p.add_argument('--device', help="'auto' (default), 'cpu' or 'cuda'")

@@ -7,11 +7,12 @@ import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-__all__ = ['TrainConfig', 'load_recipe', 'list_recipes', 'apply_overrides', 'ConfigError', 'DEFAULT_MODEL']
+__all__ = ['TrainConfig', 'load_recipe', 'list_recipes', 'apply_overrides', 'ConfigError', 'DEFAULT_MODEL',
+           'lr_scale_rule', 'scaled_lr']
 
 DEFAULT_MODEL = 'refiner_vit_s'  # what a run trains when neither the config nor finetune weights name a model
 
@@ -57,8 +58,9 @@ class TrainConfig:
     cooldown_epochs: int = 10  # the last epochs, at min_lr
     batch_size: int = 64  # per process
     opt: str = 'adamw'
-    lr: float = 5e-4  # for a global batch of lr_base_size; scaled linearly with the global batch
+    lr: float = 5e-4  # for a global batch of lr_base_size; scaled to the run's global batch by lr_base_scale
     lr_base_size: int = 512
+    lr_base_scale: Optional[str] = None  # 'linear', 'sqrt', or None: timm's rule (see lr_scale_rule)
     weight_decay: float = 0.05
     opt_eps: float = 1e-8
     warmup_epochs: float = 5
@@ -107,6 +109,9 @@ class TrainConfig:
             raise ConfigError(f'eval_every must be >= 1, got {self.eval_every}')
         if self.lr <= 0:
             raise ConfigError(f'lr must be positive, got {self.lr}')
+        if self.lr_base_scale not in (None, 'linear', 'sqrt'):
+            raise ConfigError(f"lr_base_scale must be 'linear' or 'sqrt' (or unset: timm's rule), "
+                              f"got {self.lr_base_scale!r}")
         if self.cooldown_epochs < 0:
             raise ConfigError(f'cooldown_epochs must be >= 0, got {self.cooldown_epochs}')
         if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
@@ -116,6 +121,27 @@ class TrainConfig:
         if self.linear_probe and self.refine is not None:
             raise ConfigError('linear_probe freezes everything but the classifier: a new refinement would stay the '
                               'identity; drop refine or linear_probe')
+
+
+def lr_scale_rule(opt: str) -> str:
+    """timm's rule for scaling a learning rate given for one batch size to another: by the square root
+    of the ratio for adaptive optimizers (a name containing 'ada' or 'lamb': adamw, adam, nadam,
+    adafactor, lamb, ...), linearly for the others (sgd, momentum, ...)."""
+    name = opt.lower()
+    return 'sqrt' if 'ada' in name or 'lamb' in name else 'linear'
+
+
+def scaled_lr(cfg: TrainConfig, global_batch: int) -> Tuple[float, str, str]:
+    """The learning rate a run uses at ``global_batch`` images per step: ``cfg.lr`` is given for
+    ``cfg.lr_base_size`` images and scaled by ``cfg.lr_base_scale``, else by timm's rule. Returns (the
+    learning rate, the rule applied, a line saying how it was derived)."""
+    rule = cfg.lr_base_scale or lr_scale_rule(cfg.opt)
+    ratio = f'{global_batch}/{cfg.lr_base_size}'
+    lr = cfg.lr * (global_batch / cfg.lr_base_size) ** (0.5 if rule == 'sqrt' else 1.0)
+    why = 'set by lr_base_scale' if cfg.lr_base_scale else f"timm's rule for {cfg.opt}; lr_base_scale overrides it"
+    return lr, rule, (f'learning rate {lr:.3g} = lr {cfg.lr:.3g} (for a batch of {cfg.lr_base_size}) x '
+                      f'{f"sqrt({ratio})" if rule == "sqrt" else ratio} (global batch {global_batch}): '
+                      f'{rule} scaling ({why})')
 
 
 def _recipe_dir():

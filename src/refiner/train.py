@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import RunFiles, load_state, save_state, save_weights
-from .config import DEFAULT_MODEL, TrainConfig
+from .config import DEFAULT_MODEL, TrainConfig, scaled_lr
 from .data import (
     DataError,
     Datasets,
@@ -230,6 +230,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str] = N
             keep = {'device': cfg.device, 'workers': cfg.workers}  # settings that do not change results
             if 'linear_probe' not in saved:  # written before epochs counted the cooldown epochs
                 saved['epochs'] = saved.get('epochs', 300) + saved.get('cooldown_epochs', 0)
+            saved.setdefault('lr_base_scale', 'linear')  # written when every learning rate was scaled linearly
             cfg = TrainConfig(**{**saved, **keep})
         except Exception as e:
             raise TrainingError(f'--resume {resume}: config.yaml is not a refiner training config ({e})') from None
@@ -269,16 +270,20 @@ def _read_data(cfg: TrainConfig) -> Datasets:
     return data
 
 
-def _resolve_img_size(cfg: TrainConfig, data: Datasets, source: Optional[Source]) -> int:
+def _resolve_img_size(cfg: TrainConfig, data: Datasets, source: Optional[Source]) -> Tuple[int, str]:
     """The input side: the config's, else the dataset's, else the model args', else the source's, else
-    timm's default for the model, else 224."""
-    img_size = cfg.img_size or data.default_img_size or cfg.model_args.get('img_size')
-    if img_size is None and source is not None:
-        img_size = source.model_args.get('img_size') or (source.data_config or {}).get('input_size', [None])[-1]
+    timm's default for the model, else 224. Returns (the side, where it came from)."""
+    candidates = [(cfg.img_size, 'img_size of the recipe or --img-size'),
+                  (data.default_img_size, "the dataset's default"),
+                  (cfg.model_args.get('img_size'), "the model's img_size argument")]
+    if source is not None:
+        candidates += [(source.model_args.get('img_size') or (source.data_config or {}).get('input_size', [None])[-1],
+                        "the source's: the size its weights were trained at")]
+    img_size, why = next(((size, why) for size, why in candidates if size), (None, ''))
     if img_size is None:
         default = timm.models.get_pretrained_cfg_value(cfg.model, 'input_size')
-        img_size = default[-1] if default else 224
-    return int(img_size[-1] if isinstance(img_size, (list, tuple)) else img_size)  # (H, W) or (C, H, W): H == W
+        img_size, why = (default[-1], f"timm's default for {cfg.model}") if default else (224, 'the default')
+    return int(img_size[-1] if isinstance(img_size, (list, tuple)) else img_size), why  # (H, W) or (C, H, W): H == W
 
 
 def _build_model(cfg: TrainConfig, classes: List[str], img_size: int, source: Optional[Source],
@@ -392,17 +397,20 @@ class _Trainer:
 
         self.data = _read_data(cfg)
         self.num_classes = len(self.data.classes)
-        img_size = _resolve_img_size(cfg, self.data, source)
+        img_size, size_from = _resolve_img_size(cfg, self.data, source)
         self.model, self.model_args, self.loaded = _build_model(cfg, self.data.classes, img_size, source, device)
+        if self.loaded:  # a new task may need another size than the source's: say which one is used and why
+            self.loaded += f'; input {img_size}x{img_size} px ({size_from}; --img-size N to change it)'
         cfg, self.data_config = _resolve_preprocessing(cfg, self.model, source, img_size)
-        self.cfg = cfg  # as config.yaml records it
         global_batch = cfg.batch_size * ddp.world_size  # images per optimizer step, all ranks together
+        self.lr, rule, self.lr_note = scaled_lr(cfg, global_batch)
+        cfg = dataclasses.replace(cfg, lr_base_scale=rule)  # a resume scales as this run did, whatever timm's rule
+        self.cfg = cfg  # as config.yaml records it
         self.train_set, self.val_set, self.sampler, self.val_sampler = _build_input_pipeline(
             cfg, self.data, self.data_config, ddp, global_batch)
         self.steps_per_epoch = self.sampler.batches_per_epoch()
         self.skips = SkipLog()
 
-        self.lr = cfg.lr * global_batch / cfg.lr_base_size  # scaled linearly with the global batch
         self.optimizer, self.scheduler, self.total_epochs = _build_optimisation(cfg, self.model, self.lr,
                                                                                 self.steps_per_epoch)
         self.mixup, self.ema = _build_regularisers(cfg, self.model, self.num_classes)
@@ -527,9 +535,9 @@ class _Trainer:
         if self.ddp.main:
             print(f'{cfg.model} ({_num_params(self.model) / 1e6:.2f}M parameters) on {self.data.description}; '
                   f'{self.total_epochs} epochs x {self.steps_per_epoch} steps, batch {cfg.batch_size} x '
-                  f'{self.ddp.world_size}, lr {self.lr:.3g}, '
-                  f'{self.device}' + (f', resuming at epoch {self.epoch + 1} step {self.global_step}'
-                                      if self.global_step else '') + f'; run directory {files.root}', flush=True)
+                  f'{self.ddp.world_size}, {self.device}' + (f', resuming at epoch {self.epoch + 1} step '
+                                                             f'{self.global_step}' if self.global_step else '')
+                  + f'; run directory {files.root}\n{self.lr_note}', flush=True)
             if self.loaded:
                 print(self.loaded, flush=True)
             if cfg.cooldown_epochs >= cfg.epochs:
