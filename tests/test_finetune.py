@@ -233,7 +233,23 @@ def test_a_finetune_run_says_its_learning_rate_and_input_size(pretrained_run, tm
                         f"sqrt scaling (timm's rule for adamw; lr_base_scale overrides it)")
     assert lines[2].startswith('loaded ') and 'resampled pos_embed (17 -> 37 tokens)' in lines[2]
     assert lines[2].endswith('; input 24x24 px (img_size of the recipe or --img-size; --img-size N to change it)')
-    assert yaml.safe_load((out / 'config.yaml').read_text())['lr_base_scale'] == 'sqrt'
+    assert lines[3].startswith('augmentation as the source run was trained: scale [0.7, 1.0], ratio [0.85, 1.18], '
+                               'hflip 0.0, aa None, reprob 0.0,')
+    saved = yaml.safe_load((out / 'config.yaml').read_text())
+    assert saved['lr_base_scale'] == 'sqrt' and (saved['hflip'], saved['aa'], saved['scale']) == (0.0, None, [0.7, 1.0])
+
+
+def test_augmentation_comes_from_a_source_run_only_when_asked(pretrained_run):
+    from refiner.train import _augmentation_from_source
+    deit = apply_overrides({}, {})  # DeiT's ImageNet augmentation: flips, 8% crops, RandAugment
+    asked = apply_overrides({}, dict(augment_from_source=True, hflip=0.5, mixup=0.3))
+    for cfg, source in ((deit, read_source(pretrained_run)),  # not asked
+                        (asked, read_source(pretrained_run / 'model.safetensors')),  # weights, not a run
+                        (asked, None)):
+        assert _augmentation_from_source(cfg, source) == (cfg, None)
+    cfg, line = _augmentation_from_source(asked, read_source(pretrained_run))  # a run trained on the digits
+    assert (cfg.hflip, cfg.aa, cfg.scale, cfg.interpolation) == (0.0, None, [0.7, 1.0], 'bilinear')
+    assert cfg.mixup == 0.3 and 'hflip 0.0' in line  # mixing is the recipe's
 
 
 def test_without_a_size_of_its_own_a_finetune_keeps_the_sources_and_says_so(pretrained_run):

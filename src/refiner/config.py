@@ -11,10 +11,14 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-__all__ = ['TrainConfig', 'load_recipe', 'list_recipes', 'apply_overrides', 'ConfigError', 'DEFAULT_MODEL',
-           'lr_scale_rule', 'scaled_lr']
+__all__ = ['TrainConfig', 'AUGMENTATION_KEYS', 'load_recipe', 'list_recipes', 'apply_overrides', 'ConfigError',
+           'DEFAULT_MODEL', 'lr_scale_rule', 'scaled_lr']
 
 DEFAULT_MODEL = 'refiner_vit_s'  # what a run trains when neither the config nor finetune weights name a model
+
+
+# what a fine-tune takes from its source run under augment_from_source: how its images were augmented and resized
+AUGMENTATION_KEYS = ('scale', 'ratio', 'hflip', 'aa', 'reprob', 'remode', 'train_interpolation', 'interpolation')
 
 
 class ConfigError(ValueError):
@@ -40,11 +44,13 @@ class TrainConfig:
     aa: Optional[str] = 'rand-m9-mstd0.5-inc1'  # RandAugment
     reprob: float = 0.25  # random erasing
     remode: str = 'pixel'
+    augment_from_source: bool = False  # fine-tuning from a refiner run: its AUGMENTATION_KEYS replace these
     # model
     model: Optional[str] = None  # None: the architecture finetune's source names, else DEFAULT_MODEL
     model_args: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model keyword arguments
     finetune: Optional[str] = None  # start from these weights (see refiner.pretrained for the sources)
     refine: Optional[Any] = None  # refine_vit a timm ViT first: 'all', the last n blocks, or a list of blocks
+    zero_head: bool = False  # fine-tuning: a re-initialised classifier head starts at zero (BiT), not random
     linear_probe: bool = False  # train only the classifier; the rest (BatchNorm statistics too) stays frozen
     layer_decay: Optional[float] = None  # layer-wise lr decay (timm's param_groups_layer_decay), e.g. 0.65
     drop_path: float = 0.1

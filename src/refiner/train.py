@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import RunFiles, load_state, save_state, save_weights
-from .config import DEFAULT_MODEL, TrainConfig, scaled_lr
+from .config import AUGMENTATION_KEYS, DEFAULT_MODEL, TrainConfig, scaled_lr
 from .data import (
     DataError,
     Datasets,
@@ -152,6 +152,18 @@ def _resolve_model(cfg: TrainConfig, source: Optional[Source]) -> TrainConfig:
         args = {'base_model': name, 'refine_blocks': refine, **args}
         name = 'refined_vit'
     return dataclasses.replace(cfg, model=name, model_args=args, refine=None)
+
+
+def _augmentation_from_source(cfg: TrainConfig, source: Optional[Source]) -> Tuple[TrainConfig, Optional[str]]:
+    """Under ``augment_from_source``, the config with the augmentation and resizing the source run was
+    trained with (its images' kind: DeiT's ImageNet defaults flip and crop 16-pixel digits beyond
+    recognition), and a line saying so; unchanged where the source is not a refiner run."""
+    if not cfg.augment_from_source or source is None or not source.run_config:
+        return cfg, None
+    taken = {k: source.run_config[k] for k in AUGMENTATION_KEYS if k in source.run_config}
+    cfg = dataclasses.replace(cfg, **taken)
+    return cfg, ('augmentation as the source run was trained: ' + ', '.join(f'{k} {v}' for k, v in taken.items())
+                 + ' (augment_from_source: false for the recipe\'s)')
 
 
 def _create_model(cfg: TrainConfig, num_classes: int, img_size: int) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -294,7 +306,7 @@ def _build_model(cfg: TrainConfig, classes: List[str], img_size: int, source: Op
     model, model_args = _create_model(cfg, len(classes), img_size)
     if cfg.layer_decay is not None and not hasattr(model, 'group_matcher'):
         raise TrainingError(f'layer_decay: {cfg.model} has no group_matcher to tell its layers apart')
-    loaded = load_pretrained_weights(model, source, cfg.model, classes) if source is not None else None
+    loaded = load_pretrained_weights(model, source, cfg.model, classes, cfg.zero_head) if source is not None else None
     if cfg.linear_probe:  # only the classifier heads learn; _step keeps the rest in eval mode
         heads = tuple(f'{h}.' for h in classifier_names(model))
         for name, p in model.named_parameters():
@@ -394,6 +406,7 @@ class _Trainer:
         self.files, self.ddp, self.device, self.progress = files, ddp, device, progress and ddp.main
         _check_can_start(cfg, files, device, resuming)
         _seed_everything(cfg.seed, -1)  # the model's initialisation (and any re-initialised head) draws from here
+        cfg, self.augmentation = _augmentation_from_source(cfg, source)
 
         self.data = _read_data(cfg)
         self.num_classes = len(self.data.classes)
@@ -538,8 +551,9 @@ class _Trainer:
                   f'{self.ddp.world_size}, {self.device}' + (f', resuming at epoch {self.epoch + 1} step '
                                                              f'{self.global_step}' if self.global_step else '')
                   + f'; run directory {files.root}\n{self.lr_note}', flush=True)
-            if self.loaded:
-                print(self.loaded, flush=True)
+            for line in (self.loaded, self.augmentation):
+                if line:
+                    print(line, flush=True)
             if cfg.cooldown_epochs >= cfg.epochs:
                 print(f'cooldown: {cfg.epochs - 1} of the recipe\'s {cfg.cooldown_epochs} cooldown epochs fit '
                       f'in {cfg.epochs} epochs', flush=True)
