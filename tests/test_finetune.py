@@ -228,8 +228,9 @@ def test_a_finetune_run_says_its_learning_rate_and_input_size(pretrained_run, tm
           '--epochs', '1', '--batch-size', '8', '--train-fraction', '0.1', '--img-size', '24', '--out', str(out),
           '--no-progress'])
     lines = capsys.readouterr().out.splitlines()
-    lr = 1e-4 * (8 / 512) ** 0.5
-    assert lines[1] == (f'learning rate {lr:.3g} = lr 0.0001 (for a batch of 512) x sqrt(8/512) (global batch 8): '
+    base = load_recipe('finetune')['lr']
+    lr = base * (8 / 512) ** 0.5
+    assert lines[1] == (f'learning rate {lr:.3g} = lr {base:.3g} (for a batch of 512) x sqrt(8/512) (global batch 8): '
                         f"sqrt scaling (timm's rule for adamw; lr_base_scale overrides it)")
     assert lines[2].startswith('loaded ') and 'resampled pos_embed (17 -> 37 tokens)' in lines[2]
     assert lines[2].endswith('; input 24x24 px (img_size of the recipe or --img-size; --img-size N to change it)')
@@ -237,6 +238,16 @@ def test_a_finetune_run_says_its_learning_rate_and_input_size(pretrained_run, tm
                                'hflip 0.0, aa None, reprob 0.0,')
     saved = yaml.safe_load((out / 'config.yaml').read_text())
     assert saved['lr_base_scale'] == 'sqrt' and (saved['hflip'], saved['aa'], saved['scale']) == (0.0, None, [0.7, 1.0])
+
+
+def test_zero_head_starts_a_reinitialised_head_at_zero(pretrained_run):
+    model = timm.create_model('refiner_vit_nano', num_classes=3, img_size=16, **NANO)
+    report = refiner.pretrained.load_pretrained_weights(model, read_source(pretrained_run), 'refiner_vit_nano',
+                                                        classes=['a', 'b', 'c'], zero_heads=True)
+    assert 're-initialised head (other classes, 5 -> 3 classes, zeros)' in report
+    assert not model.head.weight.any() and not model.head.bias.any()
+    assert torch.equal(model.pos_embed, read_source(pretrained_run).state_dict['pos_embed'])  # the rest: loaded
+    assert load_recipe('finetune')['zero_head'] and load_recipe('finetune')['augment_from_source']
 
 
 def test_augmentation_comes_from_a_source_run_only_when_asked(pretrained_run):
