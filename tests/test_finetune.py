@@ -228,7 +228,7 @@ def test_a_finetune_run_says_its_learning_rate_and_input_size(pretrained_run, tm
           '--epochs', '1', '--batch-size', '8', '--train-fraction', '0.1', '--img-size', '24', '--out', str(out),
           '--no-progress'])
     lines = capsys.readouterr().out.splitlines()
-    base = load_recipe('finetune')['lr']
+    base = 0.2 * load_recipe('default')['lr']  # lr_from_source: a fifth of the source run's
     lr = base * (8 / 512) ** 0.5
     assert lines[1] == (f'learning rate {lr:.3g} = lr {base:.3g} (for a batch of 512) x sqrt(8/512) (global batch 8): '
                         f"sqrt scaling (timm's rule for adamw; lr_base_scale overrides it)")
@@ -236,8 +236,11 @@ def test_a_finetune_run_says_its_learning_rate_and_input_size(pretrained_run, tm
     assert lines[2].endswith('; input 24x24 px (img_size of the recipe or --img-size; --img-size N to change it)')
     assert lines[3].startswith('augmentation as the source run was trained: scale [0.7, 1.0], ratio [0.85, 1.18], '
                                'hflip 0.0, aa None, reprob 0.0,')
+    assert lines[4] == f"lr {base:.3g} per 512 images: lr_from_source 0.2 x the source run's 0.016 (--lr sets it " \
+                       f"instead)"
     saved = yaml.safe_load((out / 'config.yaml').read_text())
-    assert saved['lr_base_scale'] == 'sqrt' and (saved['hflip'], saved['aa'], saved['scale']) == (0.0, None, [0.7, 1.0])
+    assert saved['lr_base_scale'] == 'sqrt' and saved['lr'] == pytest.approx(base)
+    assert (saved['hflip'], saved['aa'], saved['scale']) == (0.0, None, [0.7, 1.0])
 
 
 def test_zero_head_starts_a_reinitialised_head_at_zero(pretrained_run):
@@ -250,17 +253,22 @@ def test_zero_head_starts_a_reinitialised_head_at_zero(pretrained_run):
     assert load_recipe('finetune')['zero_head'] and load_recipe('finetune')['augment_from_source']
 
 
-def test_augmentation_comes_from_a_source_run_only_when_asked(pretrained_run):
-    from refiner.train import _augmentation_from_source
+def test_augmentation_and_lr_come_from_a_source_run_only_when_asked(pretrained_run):
+    from refiner.cli import _train_config, build_parser
+    from refiner.train import _from_source_run
     deit = apply_overrides({}, {})  # DeiT's ImageNet augmentation: flips, 8% crops, RandAugment
-    asked = apply_overrides({}, dict(augment_from_source=True, hflip=0.5, mixup=0.3))
+    asked = apply_overrides({}, dict(augment_from_source=True, lr_from_source=0.5, hflip=0.5, mixup=0.3))
     for cfg, source in ((deit, read_source(pretrained_run)),  # not asked
                         (asked, read_source(pretrained_run / 'model.safetensors')),  # weights, not a run
                         (asked, None)):
-        assert _augmentation_from_source(cfg, source) == (cfg, None)
-    cfg, line = _augmentation_from_source(asked, read_source(pretrained_run))  # a run trained on the digits
+        assert _from_source_run(cfg, source) == (cfg, [])
+    cfg, lines = _from_source_run(asked, read_source(pretrained_run))  # a run trained on the digits
     assert (cfg.hflip, cfg.aa, cfg.scale, cfg.interpolation) == (0.0, None, [0.7, 1.0], 'bilinear')
-    assert cfg.mixup == 0.3 and 'hflip 0.0' in line  # mixing is the recipe's
+    assert cfg.mixup == 0.3 and 'hflip 0.0' in lines[0]  # mixing is the recipe's
+    assert (cfg.lr, cfg.lr_base_size) == (0.5 * load_recipe('default')['lr'], 512) and 'lr_from_source 0.5' in lines[1]
+    for given in (['--lr', '1e-3'], ['--set', 'lr=0.001']):  # a learning rate given wins over lr_from_source
+        cfg = _train_config(build_parser().parse_args(['train', '--config', 'finetune', '--finetune', 'x', *given]))
+        assert (cfg.lr, cfg.lr_from_source) == (1e-3, 0.0)
 
 
 def test_without_a_size_of_its_own_a_finetune_keeps_the_sources_and_says_so(pretrained_run):

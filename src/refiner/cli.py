@@ -96,8 +96,10 @@ def _train_config(args: argparse.Namespace):
         # the weights fix the architecture: the recipe's model and its arguments give way to the
         # model the weights name, or to --model
         base = {k: v for k, v in base.items() if k not in ('model', 'model_args')}
-    return apply_overrides(base, {**flags, 'linear_probe': args.linear_probe, **parse_set(args.set),
-                                  'out': args.out})
+    sets = parse_set(args.set)
+    if args.lr is not None or 'lr' in sets:  # a learning rate given wins over the recipe's lr_from_source
+        base = {k: v for k, v in base.items() if k != 'lr_from_source'}
+    return apply_overrides(base, {**flags, 'linear_probe': args.linear_probe, **sets, 'out': args.out})
 
 
 def _train(args: argparse.Namespace) -> int:

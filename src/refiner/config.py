@@ -66,6 +66,7 @@ class TrainConfig:
     opt: str = 'adamw'
     lr: float = 5e-4  # for a global batch of lr_base_size; scaled to the run's global batch by lr_base_scale
     lr_base_size: int = 512
+    lr_from_source: float = 0.0  # fine-tuning from a refiner run: lr (and lr_base_size) = this x the source's
     lr_base_scale: Optional[str] = None  # 'linear', 'sqrt', or None: timm's rule (see lr_scale_rule)
     weight_decay: float = 0.05
     opt_eps: float = 1e-8

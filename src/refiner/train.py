@@ -154,16 +154,27 @@ def _resolve_model(cfg: TrainConfig, source: Optional[Source]) -> TrainConfig:
     return dataclasses.replace(cfg, model=name, model_args=args, refine=None)
 
 
-def _augmentation_from_source(cfg: TrainConfig, source: Optional[Source]) -> Tuple[TrainConfig, Optional[str]]:
-    """Under ``augment_from_source``, the config with the augmentation and resizing the source run was
-    trained with (its images' kind: DeiT's ImageNet defaults flip and crop 16-pixel digits beyond
-    recognition), and a line saying so; unchanged where the source is not a refiner run."""
-    if not cfg.augment_from_source or source is None or not source.run_config:
-        return cfg, None
-    taken = {k: source.run_config[k] for k in AUGMENTATION_KEYS if k in source.run_config}
-    cfg = dataclasses.replace(cfg, **taken)
-    return cfg, ('augmentation as the source run was trained: ' + ', '.join(f'{k} {v}' for k, v in taken.items())
-                 + ' (augment_from_source: false for the recipe\'s)')
+def _from_source_run(cfg: TrainConfig, source: Optional[Source]) -> Tuple[TrainConfig, List[str]]:
+    """What a fine-tune takes from a refiner run source, whose config.yaml says how it was trained: under
+    ``augment_from_source`` its augmentation and resizing (they suit its kind of images: DeiT's ImageNet
+    defaults flip and crop 16-pixel digits beyond recognition); under ``lr_from_source`` a learning rate
+    of that multiple of the source's (a model's good rate varies 30-fold: 5e-4 per 512 for refiner_s,
+    1.6e-2 for the digits' nano). Returns the config and a line for each."""
+    run = source.run_config if source is not None else None
+    lines: List[str] = []
+    if not run:
+        return cfg, lines
+    if cfg.augment_from_source:
+        taken = {k: run[k] for k in AUGMENTATION_KEYS if k in run}
+        cfg = dataclasses.replace(cfg, **taken)
+        lines.append('augmentation as the source run was trained: ' + ', '.join(f'{k} {v}' for k, v in taken.items())
+                     + " (augment_from_source: false for the recipe's)")
+    if cfg.lr_from_source and 'lr' in run:
+        size = run.get('lr_base_size', cfg.lr_base_size)
+        cfg = dataclasses.replace(cfg, lr=cfg.lr_from_source * run['lr'], lr_base_size=size)
+        lines.append(f"lr {cfg.lr:.3g} per {size} images: lr_from_source {cfg.lr_from_source:g} x the source run's "
+                     f"{run['lr']:.3g} (--lr sets it instead)")
+    return cfg, lines
 
 
 def _create_model(cfg: TrainConfig, num_classes: int, img_size: int) -> Tuple[nn.Module, Dict[str, Any]]:
@@ -406,7 +417,7 @@ class _Trainer:
         self.files, self.ddp, self.device, self.progress = files, ddp, device, progress and ddp.main
         _check_can_start(cfg, files, device, resuming)
         _seed_everything(cfg.seed, -1)  # the model's initialisation (and any re-initialised head) draws from here
-        cfg, self.augmentation = _augmentation_from_source(cfg, source)
+        cfg, self.from_source = _from_source_run(cfg, source)
 
         self.data = _read_data(cfg)
         self.num_classes = len(self.data.classes)
@@ -418,10 +429,10 @@ class _Trainer:
         global_batch = cfg.batch_size * ddp.world_size  # images per optimizer step, all ranks together
         self.lr, rule, self.lr_note = scaled_lr(cfg, global_batch)
         cfg = dataclasses.replace(cfg, lr_base_scale=rule)  # a resume scales as this run did, whatever timm's rule
-        self.cfg = cfg  # as config.yaml records it
         self.train_set, self.val_set, self.sampler, self.val_sampler = _build_input_pipeline(
             cfg, self.data, self.data_config, ddp, global_batch)
         self.steps_per_epoch = self.sampler.batches_per_epoch()
+        self.cfg = cfg  # as config.yaml records it
         self.skips = SkipLog()
 
         self.optimizer, self.scheduler, self.total_epochs = _build_optimisation(cfg, self.model, self.lr,
@@ -551,9 +562,8 @@ class _Trainer:
                   f'{self.ddp.world_size}, {self.device}' + (f', resuming at epoch {self.epoch + 1} step '
                                                              f'{self.global_step}' if self.global_step else '')
                   + f'; run directory {files.root}\n{self.lr_note}', flush=True)
-            for line in (self.loaded, self.augmentation):
-                if line:
-                    print(line, flush=True)
+            for line in [self.loaded] + self.from_source if self.loaded else []:
+                print(line, flush=True)
             if cfg.cooldown_epochs >= cfg.epochs:
                 print(f'cooldown: {cfg.epochs - 1} of the recipe\'s {cfg.cooldown_epochs} cooldown epochs fit '
                       f'in {cfg.epochs} epochs', flush=True)
