@@ -12,7 +12,9 @@ uninterrupted run's.
 Fine-tuning (``finetune: SRC``): the model starts from any weight source :mod:`refiner.pretrained`
 reads; the run first evaluates those weights and records them as epoch 0. ``refine`` retrofits a
 timm ViT (``refine_vit``) before training; ``linear_probe`` trains the classifier alone;
-``layer_decay`` decays the learning rate layer by layer (timm's ``param_groups_layer_decay``).
+``layer_decay`` decays the learning rate layer by layer (timm's ``param_groups_layer_decay``);
+``zero_head`` starts a re-initialised head at zero; from a refiner run, ``augment_from_source``
+and ``lr_from_source`` take its augmentation and a multiple of its learning rate.
 
 Files (``--out DIR``): config.yaml (the resolved config: the model as built, so that a resume
 needs no source), metrics.jsonl (one line per finished epoch), checkpoint.pt (the training
