@@ -243,6 +243,15 @@ def test_a_finetune_run_says_its_learning_rate_and_input_size(pretrained_run, tm
     assert (saved['hflip'], saved['aa'], saved['scale']) == (0.0, None, [0.7, 1.0])
 
 
+def test_min_steps_raises_the_epochs_of_a_small_dataset():
+    from refiner.train import _epochs_for_min_steps
+    cfg = apply_overrides(load_recipe('finetune'), {})
+    assert cfg.min_steps == 500 and _epochs_for_min_steps(cfg, 42) == (cfg, None)  # 30 x 42 steps: enough
+    raised, line = _epochs_for_min_steps(cfg, 8)  # 135 images at batch 16
+    assert raised.epochs == 63 and line.startswith('epochs: 63, not 30: min_steps 500 optimizer steps at 8 per epoch')
+    assert _epochs_for_min_steps(apply_overrides(load_recipe('default'), {}), 1)[1] is None  # min_steps 0
+
+
 def test_zero_head_starts_a_reinitialised_head_at_zero(pretrained_run):
     model = timm.create_model('refiner_vit_nano', num_classes=3, img_size=16, **NANO)
     report = refiner.pretrained.load_pretrained_weights(model, read_source(pretrained_run), 'refiner_vit_nano',

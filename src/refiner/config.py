@@ -62,6 +62,7 @@ class TrainConfig:
     # optimisation
     epochs: int = 310  # in total, cooldown_epochs included
     cooldown_epochs: int = 10  # the last epochs, at min_lr
+    min_steps: int = 0  # raise epochs to reach at least this many optimizer steps (small datasets)
     batch_size: int = 64  # per process
     opt: str = 'adamw'
     lr: float = 5e-4  # for a global batch of lr_base_size; scaled to the run's global batch by lr_base_scale
@@ -119,6 +120,8 @@ class TrainConfig:
         if self.lr_base_scale not in (None, 'linear', 'sqrt'):
             raise ConfigError(f"lr_base_scale must be 'linear' or 'sqrt' (or unset: timm's rule), "
                               f"got {self.lr_base_scale!r}")
+        if self.min_steps < 0:
+            raise ConfigError(f'min_steps must be >= 0, got {self.min_steps}')
         if self.cooldown_epochs < 0:
             raise ConfigError(f'cooldown_epochs must be >= 0, got {self.cooldown_epochs}')
         if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:

@@ -363,6 +363,18 @@ def _build_input_pipeline(cfg: TrainConfig, data: Datasets, data_config: Dict[st
     return train_set, val_set, sampler, val_sampler
 
 
+def _epochs_for_min_steps(cfg: TrainConfig, steps_per_epoch: int) -> Tuple[TrainConfig, Optional[str]]:
+    """The config with its epochs raised so that the run takes at least ``min_steps`` optimizer steps (a
+    small dataset gives few steps per epoch; BiT sizes a fine-tune's schedule in steps), and a line
+    saying so, else None."""
+    if cfg.epochs * steps_per_epoch >= cfg.min_steps:
+        return cfg, None
+    epochs = math.ceil(cfg.min_steps / steps_per_epoch)
+    return dataclasses.replace(cfg, epochs=epochs), (
+        f'epochs: {epochs}, not {cfg.epochs}: min_steps {cfg.min_steps} optimizer steps at {steps_per_epoch} per '
+        f'epoch (min_steps: 0 keeps the epochs)')
+
+
 def _build_optimisation(cfg: TrainConfig, model: nn.Module, lr: float,
                         steps_per_epoch: int) -> Tuple[torch.optim.Optimizer, Scheduler, int]:
     """The DeiT recipe on timm's factories: the optimizer over the trainable parameters (frozen ones left
@@ -434,6 +446,7 @@ class _Trainer:
         self.train_set, self.val_set, self.sampler, self.val_sampler = _build_input_pipeline(
             cfg, self.data, self.data_config, ddp, global_batch)
         self.steps_per_epoch = self.sampler.batches_per_epoch()
+        cfg, self.epochs_note = _epochs_for_min_steps(cfg, self.steps_per_epoch)
         self.cfg = cfg  # as config.yaml records it
         self.skips = SkipLog()
 
@@ -564,6 +577,8 @@ class _Trainer:
                   f'{self.ddp.world_size}, {self.device}' + (f', resuming at epoch {self.epoch + 1} step '
                                                              f'{self.global_step}' if self.global_step else '')
                   + f'; run directory {files.root}\n{self.lr_note}', flush=True)
+            if self.epochs_note:
+                print(self.epochs_note, flush=True)
             for line in [self.loaded] + self.from_source if self.loaded else []:
                 print(line, flush=True)
             if cfg.cooldown_epochs >= cfg.epochs:
