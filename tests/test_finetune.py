@@ -226,7 +226,7 @@ def test_a_finetune_run_says_its_learning_rate_and_input_size(pretrained_run, tm
     out = tmp_path / 'ft'
     main(['train', '--config', 'finetune', '--finetune', str(pretrained_run), '--classes', '5', '6', '7', '8', '9',
           '--epochs', '1', '--batch-size', '8', '--train-fraction', '0.1', '--img-size', '24', '--out', str(out),
-          '--no-progress'])
+          '--set', 'min_steps=0', '--no-progress'])  # one epoch: the line on min_steps is tested below
     lines = capsys.readouterr().out.splitlines()
     base = 0.2 * load_recipe('default')['lr']  # lr_from_source: a fifth of the source run's
     lr = base * (8 / 512) ** 0.5
