@@ -58,6 +58,7 @@ def test_finetune_on_other_classes_records_the_start_and_reinitialises_the_head(
           '--batch-size', '16', '--train-fraction', '0.1', '--out', str(out), '--no-progress'])
     printed = capsys.readouterr().out
     assert 're-initialised head (other classes, 5 -> 5 classes)' in printed
+    assert 'input 16x16 px (img_size of the recipe or --img-size; --img-size N' in printed  # the load report's
     cfg = yaml.safe_load((out / 'config.yaml').read_text())
     assert cfg['model'] == 'refiner_vit_nano' and cfg['model_args']['embed_dim'] == 32  # from the source
     epochs = [m['epoch'] for m in _metrics(out)]
@@ -195,6 +196,101 @@ def test_a_token_labeling_head_follows_the_recipe(official, tmp_path):
                     out=str(tmp_path / 'r'), progress=False)
     model, _ = load_model(tmp_path / 'r')
     assert model.aux_head is None and summary['epochs'] == 1
+
+
+def test_the_learning_rate_follows_timms_scaling_rule():
+    """lr is given for lr_base_size images: adaptive optimizers scale it by the square root of the batch
+    ratio (timm's rule), the others linearly; lr_base_scale overrides it; the from-scratch recipes keep
+    the linear rule they were tuned with."""
+    from refiner.config import ConfigError, lr_scale_rule, scaled_lr
+    rules = [lr_scale_rule(o) for o in ('adamw', 'AdamW', 'nadam', 'lamb', 'adafactor', 'sgd', 'momentum')]
+    assert rules == ['sqrt'] * 5 + ['linear'] * 2
+    cfg = apply_overrides(load_recipe('finetune'), dict(batch_size=8))
+    lr, rule, line = scaled_lr(cfg, 8)
+    assert rule == 'sqrt' and lr == pytest.approx(cfg.lr * (8 / 512) ** 0.5)
+    assert line.startswith(f'learning rate {lr:.3g} = lr {cfg.lr:.3g} (for a batch of 512) x sqrt(8/512)')
+    assert "sqrt scaling (timm's rule for adamw; lr_base_scale overrides it)" in line
+    lr, rule, line = scaled_lr(apply_overrides(load_recipe('finetune'), dict(lr_base_scale='linear')), 8)
+    assert rule == 'linear' and lr == pytest.approx(cfg.lr * 8 / 512) and 'x 8/512' in line
+    assert 'linear scaling (set by lr_base_scale)' in line
+    assert scaled_lr(apply_overrides({}, dict(opt='sgd')), 1024)[0] == pytest.approx(2 * TrainConfig.lr)
+    for name in ('default', 'refiner_s', 'refiner_m_tl', 'refiner_l_384'):
+        assert load_recipe(name)['lr_base_scale'] == 'linear', name
+    with pytest.raises(ConfigError, match='lr_base_scale'):
+        apply_overrides({}, dict(lr_base_scale='cube'))
+
+
+def test_a_finetune_run_says_its_learning_rate_and_input_size(pretrained_run, tmp_path, capsys):
+    """The run's first lines: the learning rate and how it was derived, then the load report with the
+    input size and where it came from; config.yaml records the rule, so that a resume scales alike."""
+    out = tmp_path / 'ft'
+    main(['train', '--config', 'finetune', '--finetune', str(pretrained_run), '--classes', '5', '6', '7', '8', '9',
+          '--epochs', '1', '--batch-size', '8', '--train-fraction', '0.1', '--img-size', '24', '--out', str(out),
+          '--set', 'min_steps=0', '--no-progress'])  # one epoch: the line on min_steps is tested below
+    lines = capsys.readouterr().out.splitlines()
+    base = 0.2 * load_recipe('default')['lr']  # lr_from_source: a fifth of the source run's
+    lr = base * (8 / 512) ** 0.5
+    assert lines[1] == (f'learning rate {lr:.3g} = lr {base:.3g} (for a batch of 512) x sqrt(8/512) (global batch 8): '
+                        f"sqrt scaling (timm's rule for adamw; lr_base_scale overrides it)")
+    assert lines[2].startswith('loaded ') and 'resampled pos_embed (17 -> 37 tokens)' in lines[2]
+    assert lines[2].endswith('; input 24x24 px (img_size of the recipe or --img-size; --img-size N to change it)')
+    assert lines[3].startswith('augmentation as the source run was trained: scale [0.7, 1.0], ratio [0.85, 1.18], '
+                               'hflip 0.0, aa None, reprob 0.0,')
+    assert lines[4] == f"lr {base:.3g} per 512 images: lr_from_source 0.2 x the source run's 0.016 (--lr sets it " \
+                       f"instead)"
+    saved = yaml.safe_load((out / 'config.yaml').read_text())
+    assert saved['lr_base_scale'] == 'sqrt' and saved['lr'] == pytest.approx(base)
+    assert (saved['hflip'], saved['aa'], saved['scale']) == (0.0, None, [0.7, 1.0])
+
+
+def test_min_steps_raises_the_epochs_of_a_small_dataset():
+    from refiner.train import _epochs_for_min_steps
+    cfg = apply_overrides(load_recipe('finetune'), {})
+    assert cfg.min_steps == 500 and _epochs_for_min_steps(cfg, 42) == (cfg, None)  # 30 x 42 steps: enough
+    raised, line = _epochs_for_min_steps(cfg, 8)  # 135 images at batch 16
+    assert raised.epochs == 63 and line.startswith('epochs: 63, not 30: min_steps 500 optimizer steps at 8 per epoch')
+    assert _epochs_for_min_steps(apply_overrides(load_recipe('default'), {}), 1)[1] is None  # min_steps 0
+
+
+def test_zero_head_starts_a_reinitialised_head_at_zero(pretrained_run):
+    model = timm.create_model('refiner_vit_nano', num_classes=3, img_size=16, **NANO)
+    report = refiner.pretrained.load_pretrained_weights(model, read_source(pretrained_run), 'refiner_vit_nano',
+                                                        classes=['a', 'b', 'c'], zero_heads=True)
+    assert 're-initialised head (other classes, 5 -> 3 classes, zeros)' in report
+    assert not model.head.weight.any() and not model.head.bias.any()
+    assert torch.equal(model.pos_embed, read_source(pretrained_run).state_dict['pos_embed'])  # the rest: loaded
+    assert load_recipe('finetune')['zero_head'] and load_recipe('finetune')['augment_from_source']
+
+
+def test_augmentation_and_lr_come_from_a_source_run_only_when_asked(pretrained_run):
+    from refiner.cli import _train_config, build_parser
+    from refiner.train import _from_source_run
+    deit = apply_overrides({}, {})  # DeiT's ImageNet augmentation: flips, 8% crops, RandAugment
+    asked = apply_overrides({}, dict(augment_from_source=True, lr_from_source=0.5, hflip=0.5, mixup=0.3))
+    for cfg, source in ((deit, read_source(pretrained_run)),  # not asked
+                        (asked, read_source(pretrained_run / 'model.safetensors')),  # weights, not a run
+                        (asked, None)):
+        assert _from_source_run(cfg, source) == (cfg, [])
+    cfg, lines = _from_source_run(asked, read_source(pretrained_run))  # a run trained on the digits
+    assert (cfg.hflip, cfg.aa, cfg.scale, cfg.interpolation) == (0.0, None, [0.7, 1.0], 'bilinear')
+    assert cfg.mixup == 0.3 and 'hflip 0.0' in lines[0]  # mixing is the recipe's
+    assert (cfg.lr, cfg.lr_base_size) == (0.5 * load_recipe('default')['lr'], 512) and 'lr_from_source 0.5' in lines[1]
+    for given in (['--lr', '1e-3'], ['--set', 'lr=0.001']):  # a learning rate given wins over lr_from_source
+        cfg = _train_config(build_parser().parse_args(['train', '--config', 'finetune', '--finetune', 'x', *given]))
+        assert (cfg.lr, cfg.lr_from_source) == (1e-3, 0.0)
+
+
+def test_without_a_size_of_its_own_a_finetune_keeps_the_sources_and_says_so(pretrained_run):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from refiner.train import _resolve_img_size
+    source = read_source(pretrained_run)
+    photos = SimpleNamespace(default_img_size=None)  # an image folder: no size of its own
+    cfg = dataclasses.replace(_cfg(model=None), img_size=None)  # as the finetune recipe: no img_size
+    assert _resolve_img_size(cfg, photos, source) == (16, "the source's: the size its weights were trained at")
+    assert _resolve_img_size(dataclasses.replace(cfg, img_size=32), photos, source) == (
+        32, 'img_size of the recipe or --img-size')
 
 
 def test_finetune_drops_the_recipes_model_arguments():

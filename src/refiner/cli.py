@@ -69,7 +69,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--out', help='run directory (default: runs/<model>-<time>)')
     p.add_argument('--epochs', type=int)
     p.add_argument('--batch-size', type=int, help='per process')
-    p.add_argument('--lr', type=float, help='learning rate for a global batch of lr_base_size (scaled linearly)')
+    p.add_argument('--lr', type=float, help='learning rate for a global batch of lr_base_size, scaled by lr_base_scale '
+                   '(default: timm\'s rule, sqrt for adaptive optimizers, else linear)')
     p.add_argument('--img-size', type=int)
     p.add_argument('--seed', type=int)
     p.add_argument('--device', help="'auto' (default), 'cpu' or 'cuda'")
@@ -103,8 +104,10 @@ def _train_config(args: argparse.Namespace):
         # the weights fix the architecture: the recipe's model and its arguments give way to the
         # model the weights name, or to --model
         base = {k: v for k, v in base.items() if k not in ('model', 'model_args')}
-    return apply_overrides(base, {**flags, 'linear_probe': args.linear_probe, **parse_set(args.set),
-                                  'out': args.out})
+    sets = parse_set(args.set)
+    if args.lr is not None or 'lr' in sets:  # a learning rate given wins over the recipe's lr_from_source
+        base = {k: v for k, v in base.items() if k != 'lr_from_source'}
+    return apply_overrides(base, {**flags, 'linear_probe': args.linear_probe, **sets, 'out': args.out})
 
 
 def _train(args: argparse.Namespace) -> int:

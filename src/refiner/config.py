@@ -7,13 +7,18 @@ import dataclasses
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
-__all__ = ['TrainConfig', 'load_recipe', 'list_recipes', 'apply_overrides', 'ConfigError', 'DEFAULT_MODEL']
+__all__ = ['TrainConfig', 'AUGMENTATION_KEYS', 'load_recipe', 'list_recipes', 'apply_overrides', 'ConfigError',
+           'DEFAULT_MODEL', 'lr_scale_rule', 'scaled_lr']
 
 DEFAULT_MODEL = 'refiner_vit_s'  # what a run trains when neither the config nor finetune weights name a model
+
+
+# what a fine-tune takes from its source run under augment_from_source: how its images were augmented and resized
+AUGMENTATION_KEYS = ('scale', 'ratio', 'hflip', 'aa', 'reprob', 'remode', 'train_interpolation', 'interpolation')
 
 
 class ConfigError(ValueError):
@@ -39,11 +44,13 @@ class TrainConfig:
     aa: Optional[str] = 'rand-m9-mstd0.5-inc1'  # RandAugment
     reprob: float = 0.25  # random erasing
     remode: str = 'pixel'
+    augment_from_source: bool = False  # fine-tuning from a refiner run: its AUGMENTATION_KEYS replace these
     # model
     model: Optional[str] = None  # None: the architecture finetune's source names, else DEFAULT_MODEL
     model_args: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model keyword arguments
     finetune: Optional[str] = None  # start from these weights (see refiner.pretrained for the sources)
     refine: Optional[Any] = None  # refine_vit a timm ViT first: 'all', the last n blocks, or a list of blocks
+    zero_head: bool = False  # fine-tuning: a re-initialised classifier head starts at zero (BiT), not random
     linear_probe: bool = False  # train only the classifier; the rest (BatchNorm statistics too) stays frozen
     layer_decay: Optional[float] = None  # layer-wise lr decay (timm's param_groups_layer_decay), e.g. 0.65
     drop_path: float = 0.1
@@ -55,10 +62,13 @@ class TrainConfig:
     # optimisation
     epochs: int = 310  # in total, cooldown_epochs included
     cooldown_epochs: int = 10  # the last epochs, at min_lr
+    min_steps: int = 0  # raise epochs to reach at least this many optimizer steps (small datasets)
     batch_size: int = 64  # per process
     opt: str = 'adamw'
-    lr: float = 5e-4  # for a global batch of lr_base_size; scaled linearly with the global batch
+    lr: float = 5e-4  # for a global batch of lr_base_size; scaled to the run's global batch by lr_base_scale
     lr_base_size: int = 512
+    lr_from_source: float = 0.0  # fine-tuning from a refiner run: lr (and lr_base_size) = this x the source's
+    lr_base_scale: Optional[str] = None  # 'linear', 'sqrt', or None: timm's rule (see lr_scale_rule)
     weight_decay: float = 0.05
     opt_eps: float = 1e-8
     warmup_epochs: float = 5
@@ -107,6 +117,11 @@ class TrainConfig:
             raise ConfigError(f'eval_every must be >= 1, got {self.eval_every}')
         if self.lr <= 0:
             raise ConfigError(f'lr must be positive, got {self.lr}')
+        if self.lr_base_scale not in (None, 'linear', 'sqrt'):
+            raise ConfigError(f"lr_base_scale must be 'linear' or 'sqrt' (or unset: timm's rule), "
+                              f"got {self.lr_base_scale!r}")
+        if self.min_steps < 0:
+            raise ConfigError(f'min_steps must be >= 0, got {self.min_steps}')
         if self.cooldown_epochs < 0:
             raise ConfigError(f'cooldown_epochs must be >= 0, got {self.cooldown_epochs}')
         if self.layer_decay is not None and not 0.0 < self.layer_decay <= 1.0:
@@ -116,6 +131,27 @@ class TrainConfig:
         if self.linear_probe and self.refine is not None:
             raise ConfigError('linear_probe freezes everything but the classifier: a new refinement would stay the '
                               'identity; drop refine or linear_probe')
+
+
+def lr_scale_rule(opt: str) -> str:
+    """timm's rule for scaling a learning rate given for one batch size to another: by the square root
+    of the ratio for adaptive optimizers (a name containing 'ada' or 'lamb': adamw, adam, nadam,
+    adafactor, lamb, ...), linearly for the others (sgd, momentum, ...)."""
+    name = opt.lower()
+    return 'sqrt' if 'ada' in name or 'lamb' in name else 'linear'
+
+
+def scaled_lr(cfg: TrainConfig, global_batch: int) -> Tuple[float, str, str]:
+    """The learning rate a run uses at ``global_batch`` images per step: ``cfg.lr`` is given for
+    ``cfg.lr_base_size`` images and scaled by ``cfg.lr_base_scale``, else by timm's rule. Returns (the
+    learning rate, the rule applied, a line saying how it was derived)."""
+    rule = cfg.lr_base_scale or lr_scale_rule(cfg.opt)
+    ratio = f'{global_batch}/{cfg.lr_base_size}'
+    lr = cfg.lr * (global_batch / cfg.lr_base_size) ** (0.5 if rule == 'sqrt' else 1.0)
+    why = 'set by lr_base_scale' if cfg.lr_base_scale else f"timm's rule for {cfg.opt}; lr_base_scale overrides it"
+    return lr, rule, (f'learning rate {lr:.3g} = lr {cfg.lr:.3g} (for a batch of {cfg.lr_base_size}) x '
+                      f'{f"sqrt({ratio})" if rule == "sqrt" else ratio} (global batch {global_batch}): '
+                      f'{rule} scaling ({why})')
 
 
 def _recipe_dir():

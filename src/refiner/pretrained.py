@@ -276,9 +276,11 @@ def _resample_pos_embed(pos: torch.Tensor, target: torch.Tensor, model: nn.Modul
 
 
 def load_pretrained_weights(model: nn.Module, source: Source, model_name: str,
-                            classes: Optional[Sequence[str]] = None) -> str:
+                            classes: Optional[Sequence[str]] = None, zero_heads: bool = False) -> str:
     """Load ``source`` into ``model`` built for a new task; returns one line saying what was loaded,
-    re-initialised and resampled.
+    re-initialised and resampled. ``zero_heads``: re-initialised heads start at zero (as BiT's), so that
+    the first steps train the head on the source's features instead of back-propagating a random
+    head's errors into them.
 
     Heads (the classifier, a distillation head, the token-labeling head) whose shapes differ from the
     model's, or that were trained on other ``classes`` than the model's (where the source names its
@@ -302,7 +304,11 @@ def load_pretrained_weights(model: nn.Module, source: Source, model_name: str,
             if f'{head}.weight' in own:
                 was = f'{old.shape[0]} -> ' if old is not None and old.dim() == 2 else 'new, '
                 was = 'other classes, ' + was if other_classes else was
-                reinit.append(f'{head} ({was}{own[f"{head}.weight"].shape[0]} classes)')
+                zeros = ', zeros' if zero_heads else ''
+                reinit.append(f'{head} ({was}{own[f"{head}.weight"].shape[0]} classes{zeros})')
+                for k in keys if zero_heads else ():
+                    if k in own:
+                        own[k].zero_()  # the model's own tensor, which load_state_dict below leaves as it is
             else:
                 notes.append(f'dropped {head} (the model has none)')
     if reinit:

@@ -12,7 +12,9 @@ uninterrupted run's.
 Fine-tuning (``finetune: SRC``): the model starts from any weight source :mod:`refiner.pretrained`
 reads; the run first evaluates those weights and records them as epoch 0. ``refine`` retrofits a
 timm ViT (``refine_vit``) before training; ``linear_probe`` trains the classifier alone;
-``layer_decay`` decays the learning rate layer by layer (timm's ``param_groups_layer_decay``).
+``layer_decay`` decays the learning rate layer by layer (timm's ``param_groups_layer_decay``);
+``zero_head`` starts a re-initialised head at zero; from a refiner run, ``augment_from_source``
+and ``lr_from_source`` take its augmentation and a multiple of its learning rate.
 
 Files (``--out DIR``): config.yaml (the resolved config: the model as built, so that a resume
 needs no source), metrics.jsonl (one line per finished epoch), checkpoint.pt (the training
@@ -51,7 +53,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import RunFiles, load_state, save_state, save_weights
-from .config import DEFAULT_MODEL, TrainConfig
+from .config import AUGMENTATION_KEYS, DEFAULT_MODEL, TrainConfig, scaled_lr
 from .data import (
     DataError,
     Datasets,
@@ -155,6 +157,29 @@ def _resolve_model(cfg: TrainConfig, source: Optional[Source]) -> TrainConfig:
     return dataclasses.replace(cfg, model=name, model_args=args, refine=None)
 
 
+def _from_source_run(cfg: TrainConfig, source: Optional[Source]) -> Tuple[TrainConfig, List[str]]:
+    """What a fine-tune takes from a refiner run source, whose config.yaml says how it was trained: under
+    ``augment_from_source`` its augmentation and resizing (they suit its kind of images: DeiT's ImageNet
+    defaults flip and crop 16-pixel digits beyond recognition); under ``lr_from_source`` a learning rate
+    of that multiple of the source's (a model's good rate varies 30-fold: 5e-4 per 512 for refiner_s,
+    1.6e-2 for the digits' nano). Returns the config and a line for each."""
+    run = source.run_config if source is not None else None
+    lines: List[str] = []
+    if not run:
+        return cfg, lines
+    if cfg.augment_from_source:
+        taken = {k: run[k] for k in AUGMENTATION_KEYS if k in run}
+        cfg = dataclasses.replace(cfg, **taken)
+        lines.append('augmentation as the source run was trained: ' + ', '.join(f'{k} {v}' for k, v in taken.items())
+                     + " (augment_from_source: false for the recipe's)")
+    if cfg.lr_from_source and 'lr' in run:
+        size = run.get('lr_base_size', cfg.lr_base_size)
+        cfg = dataclasses.replace(cfg, lr=cfg.lr_from_source * run['lr'], lr_base_size=size)
+        lines.append(f"lr {cfg.lr:.3g} per {size} images: lr_from_source {cfg.lr_from_source:g} x the source run's "
+                     f"{run['lr']:.3g} (--lr sets it instead)")
+    return cfg, lines
+
+
 def _create_model(cfg: TrainConfig, num_classes: int, img_size: int) -> Tuple[nn.Module, Dict[str, Any]]:
     args: Dict[str, Any] = dict(num_classes=num_classes, **cfg.model_args)
     if cfg.drop_path:
@@ -231,6 +256,7 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str] = N
             keep = {'device': cfg.device, 'workers': cfg.workers}  # settings that do not change results
             if 'linear_probe' not in saved:  # written before epochs counted the cooldown epochs
                 saved['epochs'] = saved.get('epochs', 300) + saved.get('cooldown_epochs', 0)
+            saved.setdefault('lr_base_scale', 'linear')  # written when every learning rate was scaled linearly
             cfg = TrainConfig(**{**saved, **keep})
         except Exception as e:
             raise TrainingError(f'--resume {resume}: config.yaml is not a refiner training config ({e})') from None
@@ -270,17 +296,22 @@ def _read_data(cfg: TrainConfig) -> Datasets:
     return data
 
 
-def _resolve_img_size(cfg: TrainConfig, data: Datasets, source: Optional[Source]) -> int:
+def _resolve_img_size(cfg: TrainConfig, data: Datasets, source: Optional[Source]) -> Tuple[int, str]:
     """The input side: the config's, else the dataset's, else the model args', else the source's, else
-    timm's default for the model, else 224."""
-    img_size = cfg.img_size or data.default_img_size or cfg.model_args.get('img_size')
-    if img_size is None and source is not None:
-        img_size = source.model_args.get('img_size') or (source.data_config or {}).get('input_size', [None])[-1]
+    timm's default for the model, else 224. Returns (the side, where it came from)."""
+    candidates = [(cfg.img_size, 'img_size of the recipe or --img-size'),
+                  (data.default_img_size, "the dataset's default"),
+                  (cfg.model_args.get('img_size'), "the model's img_size argument")]
+    if source is not None:
+        candidates += [(source.model_args.get('img_size') or (source.data_config or {}).get('input_size', [None])[-1],
+                        "the source's: the size its weights were trained at")]
+    img_size, why = next(((size, why) for size, why in candidates if size), (None, ''))
     if img_size is None:
         # a retrofit (refined_vit) takes its base model's input size
-        default = timm.models.get_pretrained_cfg_value(cfg.model_args.get('base_model', cfg.model), 'input_size')
-        img_size = default[-1] if default else 224
-    return int(img_size[-1] if isinstance(img_size, (list, tuple)) else img_size)  # (H, W) or (C, H, W): H == W
+        base = cfg.model_args.get('base_model', cfg.model)
+        default = timm.models.get_pretrained_cfg_value(base, 'input_size')
+        img_size, why = (default[-1], f"timm's default for {base}") if default else (224, 'the default')
+    return int(img_size[-1] if isinstance(img_size, (list, tuple)) else img_size), why  # (H, W) or (C, H, W): H == W
 
 
 def _build_model(cfg: TrainConfig, classes: List[str], img_size: int, source: Optional[Source],
@@ -291,7 +322,7 @@ def _build_model(cfg: TrainConfig, classes: List[str], img_size: int, source: Op
     model, model_args = _create_model(cfg, len(classes), img_size)
     if cfg.layer_decay is not None and not hasattr(model, 'group_matcher'):
         raise TrainingError(f'layer_decay: {cfg.model} has no group_matcher to tell its layers apart')
-    loaded = load_pretrained_weights(model, source, cfg.model, classes) if source is not None else None
+    loaded = load_pretrained_weights(model, source, cfg.model, classes, cfg.zero_head) if source is not None else None
     if cfg.linear_probe:  # only the classifier heads learn; _step keeps the rest in eval mode
         heads = tuple(f'{h}.' for h in classifier_names(model))
         for name, p in model.named_parameters():
@@ -333,6 +364,18 @@ def _build_input_pipeline(cfg: TrainConfig, data: Datasets, data_config: Dict[st
     val_sampler = EpochSampler(data.num_val, cfg.batch_size, cfg.seed, shuffle=False, drop_last=False,
                                rank=ddp.rank, world_size=ddp.world_size)
     return train_set, val_set, sampler, val_sampler
+
+
+def _epochs_for_min_steps(cfg: TrainConfig, steps_per_epoch: int) -> Tuple[TrainConfig, Optional[str]]:
+    """The config with its epochs raised so that the run takes at least ``min_steps`` optimizer steps (a
+    small dataset gives few steps per epoch; BiT sizes a fine-tune's schedule in steps), and a line
+    saying so, else None."""
+    if cfg.epochs * steps_per_epoch >= cfg.min_steps:
+        return cfg, None
+    epochs = math.ceil(cfg.min_steps / steps_per_epoch)
+    return dataclasses.replace(cfg, epochs=epochs), (
+        f'epochs: {epochs}, not {cfg.epochs}: min_steps {cfg.min_steps} optimizer steps at {steps_per_epoch} per '
+        f'epoch (min_steps: 0 keeps the epochs)')
 
 
 def _build_optimisation(cfg: TrainConfig, model: nn.Module, lr: float,
@@ -391,20 +434,25 @@ class _Trainer:
         self.files, self.ddp, self.device, self.progress = files, ddp, device, progress and ddp.main
         _check_can_start(cfg, files, device, resuming)
         _seed_everything(cfg.seed, -1)  # the model's initialisation (and any re-initialised head) draws from here
+        cfg, self.from_source = _from_source_run(cfg, source)
 
         self.data = _read_data(cfg)
         self.num_classes = len(self.data.classes)
-        img_size = _resolve_img_size(cfg, self.data, source)
+        img_size, size_from = _resolve_img_size(cfg, self.data, source)
         self.model, self.model_args, self.loaded = _build_model(cfg, self.data.classes, img_size, source, device)
+        if self.loaded:  # a new task may need another size than the source's: say which one is used and why
+            self.loaded += f'; input {img_size}x{img_size} px ({size_from}; --img-size N to change it)'
         cfg, self.data_config = _resolve_preprocessing(cfg, self.model, source, img_size)
-        self.cfg = cfg  # as config.yaml records it
         global_batch = cfg.batch_size * ddp.world_size  # images per optimizer step, all ranks together
+        self.lr, rule, self.lr_note = scaled_lr(cfg, global_batch)
+        cfg = dataclasses.replace(cfg, lr_base_scale=rule)  # a resume scales as this run did, whatever timm's rule
         self.train_set, self.val_set, self.sampler, self.val_sampler = _build_input_pipeline(
             cfg, self.data, self.data_config, ddp, global_batch)
         self.steps_per_epoch = self.sampler.batches_per_epoch()
+        cfg, self.epochs_note = _epochs_for_min_steps(cfg, self.steps_per_epoch)
+        self.cfg = cfg  # as config.yaml records it
         self.skips = SkipLog()
 
-        self.lr = cfg.lr * global_batch / cfg.lr_base_size  # scaled linearly with the global batch
         self.optimizer, self.scheduler, self.total_epochs = _build_optimisation(cfg, self.model, self.lr,
                                                                                 self.steps_per_epoch)
         self.mixup, self.ema = _build_regularisers(cfg, self.model, self.num_classes)
@@ -533,11 +581,13 @@ class _Trainer:
         if self.ddp.main:
             print(f'{cfg.model} ({_num_params(self.model) / 1e6:.2f}M parameters) on {self.data.description}; '
                   f'{self.total_epochs} epochs x {self.steps_per_epoch} steps, batch {cfg.batch_size} x '
-                  f'{self.ddp.world_size}, lr {self.lr:.3g}, '
-                  f'{self.device}' + (f', resuming at epoch {self.epoch + 1} step {self.global_step}'
-                                      if self.global_step else '') + f'; run directory {files.root}', flush=True)
-            if self.loaded:
-                print(self.loaded, flush=True)
+                  f'{self.ddp.world_size}, {self.device}' + (f', resuming at epoch {self.epoch + 1} step '
+                                                             f'{self.global_step}' if self.global_step else '')
+                  + f'; run directory {files.root}\n{self.lr_note}', flush=True)
+            if self.epochs_note:
+                print(self.epochs_note, flush=True)
+            for line in [self.loaded] + self.from_source if self.loaded else []:
+                print(line, flush=True)
             if cfg.cooldown_epochs >= cfg.epochs:
                 print(f'cooldown: {cfg.epochs - 1} of the recipe\'s {cfg.cooldown_epochs} cooldown epochs fit '
                       f'in {cfg.epochs} epochs', flush=True)
