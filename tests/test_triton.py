@@ -81,6 +81,23 @@ def test_fused_kernel_equals_the_reference(interpreted, heads, tokens, ratio, k,
 
 
 @interpreter_only
+def test_fused_kernel_float32_maps_half_values(interpreted, monkeypatch):
+    """Under CUDA autocast the handed-over maps are float32 and v bf16 / fp16: products in v's
+    format, v's dtype out; and a batch launched in slices (as maps of 2^31 elements or more are)."""
+    layer = _refining_block(4)
+    attn, v = _maps(3, 4, 17)
+    with torch.no_grad():
+        expected = layer.refined_map(attn) @ v
+        folded = layer.refine.folded_chain(*layer._refined_affine())
+        out = interpreted.refine_aggregate_fused(attn, v.half(), *folded)
+        monkeypatch.setattr(interpreted, 'MAX_LAUNCH_ELEMENTS', attn[0].numel())  # one sample a launch
+        sliced = interpreted.refine_aggregate_fused(attn, v, *folded, precision='ieee')
+    assert out.dtype == torch.float16
+    assert ((out.double() - expected.double()).abs().max() / expected.abs().max()).item() < 4e-3
+    torch.testing.assert_close(sliced, expected, rtol=1e-5, atol=1e-6)
+
+
+@interpreter_only
 @pytest.mark.parametrize('case', ['reparameterized', 'linear', 'refine_own_map'])
 def test_fused_kernel_serves_every_three_stage_form(interpreted, case):
     """The re-parameterized module (biases in every stage), the paper's linear form (no activation)

@@ -43,6 +43,7 @@ Tensor = torch.Tensor
 BLOCK_M = 16  # query rows per program (tl.dot needs >= 16)
 BLOCK_N = 16  # keys per step
 EXPAND_CHUNK = 16  # expanded maps held in registers at once
+MAX_LAUNCH_ELEMENTS = 2 ** 31 - 1  # the kernel's offsets are int32
 NUM_WARPS = 8  # 196 registers a thread and no spills on sm_90 (4 warps: 231; 16: spills)
 
 
@@ -136,7 +137,9 @@ def refine_aggregate_fused(attn: Tensor, v: Tensor, expand_weight: Tensor, expan
         raise ValueError(f'maps {tuple(attn.shape)}, v {tuple(v.shape)} and expansion {tuple(expand_weight.shape)} '
                          f'do not fit a refining block')
     HP, DP, EP = _pow2(H), _pow2(d), -(-E // EXPAND_CHUNK) * EXPAND_CHUNK
-    dot_dtype = attn.dtype if attn.dtype in (torch.float16, torch.bfloat16) else torch.float32
+    # products in half precision where either operand is (under autocast: float32 maps, bf16 values)
+    half = [t.dtype for t in (v, attn) if t.dtype in (torch.float16, torch.bfloat16)]
+    dot_dtype = half[0] if half else torch.float32
     f32 = torch.float32
     w1 = _padded(expand_weight.reshape(E, H), (EP, HP), dot_dtype)
     w3 = _padded(reduce_weight.reshape(H, E), (HP, EP), dot_dtype)
@@ -148,12 +151,16 @@ def refine_aggregate_fused(attn: Tensor, v: Tensor, expand_weight: Tensor, expan
     out = torch.empty(B, H, N, d, dtype=v.dtype, device=v.device)
     if precision is None:
         precision = 'tf32' if torch.backends.cuda.matmul.allow_tf32 else 'ieee'
-    grid = (triton.cdiv(N, BLOCK_M), B)
-    _refine_aggregate_kernel[grid](
-        attn, v, out, w1, b1, w2, b2, w3, b3, res, N, M, H, d,
-        *attn.stride(), *v.stride(), *out.stride(),
-        E_CHUNKS=EP // EXPAND_CHUNK, HP=HP, EC=EXPAND_CHUNK, DP=DP, K=k, BM=BLOCK_M, BN=BLOCK_N,
-        ACTIVATED=bool(activated), PRECISION=precision, num_warps=NUM_WARPS)
+    # the kernel's offsets are 32-bit: launch on slices of the batch that stay below 2^31 elements
+    per_sample = max(attn[0].numel(), v[0].numel(), out[0].numel(), max(s for s in attn.stride() + v.stride()))
+    step = max(1, MAX_LAUNCH_ELEMENTS // per_sample)
+    for i in range(0, B, step):
+        j = min(i + step, B)
+        _refine_aggregate_kernel[(triton.cdiv(N, BLOCK_M), j - i)](
+            attn[i:j], v[i:j], out[i:j], w1, b1, w2, b2, w3, b3, res, N, M, H, d,
+            *attn.stride(), *v.stride(), *out.stride(),
+            E_CHUNKS=EP // EXPAND_CHUNK, HP=HP, EC=EXPAND_CHUNK, DP=DP, K=k, BM=BLOCK_M, BN=BLOCK_N,
+            ACTIVATED=bool(activated), PRECISION=precision, num_warps=NUM_WARPS)
     return out.to(result_dtype)
 
 
