@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+from conftest import trained_scale
 
 from refiner.kernels import set_kernels
 from refiner.layers import DistributedLocalAttention, RefinedAttention
@@ -40,13 +41,8 @@ def _refining_block(heads, expansion_ratio=3, kernel_size=3, mode='inverted_resi
     """An eval-mode attention layer whose refinement has trained-size BatchNorms, kernels off (the reference)."""
     torch.manual_seed(heads * 10 + kernel_size)
     dla = DistributedLocalAttention(heads, expansion_ratio=expansion_ratio, refine_kernel_size=kernel_size, mode=mode)
-    layer = RefinedAttention(8 * heads, heads, reuse_attn=reuse_attn, refine=dla, refine_norm=reuse_attn)
-    for m in layer.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-.1, .1)
-            m.running_var.uniform_(.5, 1.5)
-            m.weight.data.uniform_(.5, 1.5)
-            m.bias.data.uniform_(-.2, .2)
+    layer = trained_scale(RefinedAttention(8 * heads, heads, reuse_attn=reuse_attn, refine=dla,
+                                           refine_norm=reuse_attn))
     if mode == 'linear':
         for p in dla.parameters():
             p.data.normal_(0, .3)
