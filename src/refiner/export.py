@@ -37,11 +37,15 @@ def prepare(model: torch.nn.Module, reparameterize: bool = True) -> torch.nn.Mod
 
 def input_stride(model: torch.nn.Module) -> Optional[int]:
     """The multiple of which a model takes any input height and width (Refiner-ViT, which resamples its
-    position embeddings; a timm ViT built with ``dynamic_img_size=True``); None: a fixed input size."""
+    position embeddings, in the raster layout; a timm ViT built with ``dynamic_img_size=True``); None: a
+    fixed input size (the spatial layouts' convolutions over the token grid export for one grid)."""
+    from .layers import DistributedLocalAttention
     from .models.refiner_vit import RefinerViT
     pe = getattr(model, 'patch_embed', None)
     patch = getattr(pe, 'patch_size', None)
     if patch is None or not (isinstance(model, RefinerViT) or getattr(pe, 'dynamic_img_size', False)):
+        return None
+    if any(isinstance(m, DistributedLocalAttention) and m.refine_layout != 'raster' for m in model.modules()):
         return None
     return int(patch[0] if isinstance(patch, (tuple, list)) else patch)
 
