@@ -179,7 +179,8 @@ def main():
     res['bf16_model_train_step'] = train_step(dev, name, size, batch, torch.bfloat16)
     print(json.dumps({k: res[k] for k in ('bf16_autocast_train_step', 'bf16_model_train_step')}), flush=True)
     save()
-    torch.cuda.empty_cache() if dev.type == 'cuda' else None
+    if dev.type == 'cuda':
+        torch.cuda.empty_cache()
 
     if not args.skip_bench:
         if args.smoke:

@@ -119,13 +119,14 @@ def predict(inputs: Sequence[str], checkpoint: str, topk: int = 5, batch_size: i
     loader = DataLoader(_Files(paths, eval_transform(info['data_config'])), batch_size=batch_size,
                         num_workers=workers, collate_fn=_collate)
     k = min(topk, num_classes)
+    dtype_in = model_dtype(model)  # the inputs' dtype: the model's, as --model-dtype cast it
     predictions: List[Dict[str, Any]] = []
     skipped: List[str] = []
     for images, index, bad in tqdm(loader, desc='predict', unit='batch', disable=not progress):
         skipped += [paths[i] for i in bad]
         if images is None:
             continue
-        probs = model(images.to(dev, model_dtype(model))).float().softmax(-1)
+        probs = model(images.to(dev, dtype_in)).float().softmax(-1)
         top = probs.topk(k, dim=-1)
         for i, p, c in zip(index, top.values.tolist(), top.indices.tolist()):
             predictions.append({'file': paths[i], 'labels': [names[j] for j in c], 'indices': c, 'probs': p})

@@ -294,6 +294,8 @@ class DistributedLocalAttention(nn.Module):
         (what :meth:`reparameterize` installs; fused kernels take it). Forms with the three stages."""
         if self.expand is None or self.local is None or self.reduce is None:
             raise ValueError(f'the {self.mode!r} form has no expansion, local and reduction stages to fold')
+        if self.local_query is not None and not isinstance(self.local_norm, nn.Identity):
+            raise ValueError("the 'spatial' layout's local norm follows its query-grid convolution: reparameterize()")
         ref = self.expand.weight
         H = self.num_heads
         scale = ref.new_ones(H) if out_scale is None else out_scale.to(ref)
