@@ -155,6 +155,82 @@ def test_started_run_is_continued(tmp_path, capsys):
     assert json.loads((out / 'ablation.json').read_text())['top1'] == top1
 
 
+def test_model_arguments_resolve_defaults():
+    from refiner.models.refiner_vit import RefinerViT
+    from refiner.pretrained import model_arguments
+    init = RefinerViT.__init__
+    args = model_arguments('refiner_vit_nano', 32, patch_size=4)
+    assert args == model_arguments('refiner_vit_nano', 32, patch_size=4, expansion_ratio=3)  # the default, given
+    assert args['embed_dim'] == 128 and args['expansion_ratio'] == 3  # the entry point's, the class's
+    assert args != model_arguments('refiner_vit_nano', 32, patch_size=4, expansion_ratio=6)
+    assert RefinerViT.__init__ is init  # the class is left as it was
+
+
+def test_equivalent_runs_copied_from_another_ablation(tmp_path, capsys):
+    first, second = tmp_path / 'first', tmp_path / 'second'
+    tiny = [*TINY, '--set', 'model_args.depth=2']
+    code, _, err = _ablate(capsys, '--out', first, *tiny, '--arm', 'r3:model_args.expansion_ratio=3',
+                           '--arm', 'r1:model_args.expansion_ratio=1')
+    assert code == 0, err
+    # 'released' leaves expansion_ratio at its default (3): it trains as r3 and is copied; k1 differs and trains
+    code, _, err = _ablate(capsys, '--out', second, *tiny, '--arm', 'released', '--arm',
+                           'k1:model_args.refine_kernel_size=1', '--reuse', first)
+    assert code == 0, err
+    copy, source = second / 'released-f0.5-s0', first / 'r3-f0.5-s0'
+    record = json.loads((copy / 'ablation_arm.json').read_text())
+    assert record['reused_from'] == str(source) and record['arm'] == 'released'
+    for name in ('summary.json', 'model.safetensors', 'checkpoint.pt', 'metrics.jsonl'):
+        assert (copy / name).read_bytes() == (source / name).read_bytes()
+        assert (copy / name).stat().st_mode & 0o777 == 0o666 & ~_umask()
+    assert 'reused_from' not in json.loads((second / 'k1-f0.5-s0' / 'ablation_arm.json').read_text())
+    report = json.loads((second / 'ablation.json').read_text())
+    assert report['models']['released']['runs']['0.5'][0]['reused_from'] == str(source)
+    assert report['models']['k1']['runs']['0.5'][0]['reused_from'] is None
+    # a copy killed before its summary: the next invocation, even without --reuse, resumes it from the
+    # copied final checkpoint straight to the same results
+    (copy / 'summary.json').unlink()
+    code, _, err = _ablate(capsys, '--out', second, *tiny, '--arm', 'released', '--arm',
+                           'k1:model_args.refine_kernel_size=1')
+    assert code == 0, err
+    assert json.loads((second / 'ablation.json').read_text())['top1'] == report['top1']
+    code, _, err = _ablate(capsys, '--out', second, *tiny, '--arm', 'released', '--reuse', tmp_path / 'nowhere')
+    assert code == 2 and 'nowhere' in err and len(err.strip().splitlines()) == 1
+
+
+def test_equivalent_run_in_training_elsewhere_is_waited_for(tmp_path, capsys):
+    """A run whose equivalent another invocation is training (in a --reuse folder) is left until the
+    rest are trained, then waited for and copied: trained once, across studies."""
+    first, second = tmp_path / 'first', tmp_path / 'second'
+    tiny = [*TINY, '--set', 'model_args.depth=2']
+    assert _ablate(capsys, '--out', first, *tiny, '--arm', 'r3:model_args.expansion_ratio=3')[0] == 0
+    source = first / 'r3-f0.5-s0'
+    summary = (source / 'summary.json').read_bytes()
+    (source / 'summary.json').unlink()  # as if still training
+    args = ['ablate', '--out', second, *tiny, '--arm', 'released', '--arm', 'k1:model_args.refine_kernel_size=1',
+            '--reuse', first]
+    codes = []
+    thread = threading.Thread(target=lambda: codes.append(main(list(map(str, args)))), daemon=True)
+    with exclusive_lock(source / '.ablate.lock') as mine:  # the invocation training it
+        assert mine
+        thread.start()
+        deadline = time.time() + 120
+        while thread.is_alive() and time.time() < deadline and not (second / 'k1-f0.5-s0' / 'summary.json').is_file():
+            time.sleep(0.05)
+        assert thread.is_alive() and not (second / 'released-f0.5-s0' / 'config.yaml').exists()
+        (source / 'summary.json').write_bytes(summary)  # it finishes
+    thread.join(120)
+    assert codes == [0], capsys.readouterr().err
+    record = json.loads((second / 'released-f0.5-s0' / 'ablation_arm.json').read_text())
+    assert record['reused_from'] == str(source)
+    assert (second / 'released-f0.5-s0' / 'summary.json').read_bytes() == summary
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 # a study small enough to be killed three times in a test: two runs of two epochs of 6 steps,
 # a checkpoint every 2 steps
 KILL_STUDY = """

@@ -50,6 +50,7 @@ import dataclasses
 import json
 import math
 import re
+import shutil
 from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -59,7 +60,7 @@ import yaml
 
 from .bench import count_flops
 from .checkpoint import RunFiles
-from .config import DEFAULT_MODEL, ConfigError, TrainConfig, apply_overrides, load_recipe
+from .config import DEFAULT_MODEL, ConfigError, TrainConfig, apply_overrides, complete_saved_config, load_recipe
 from .data import build_datasets
 from .fileio import atomic_write, atomic_write_text, exclusive_lock, remove_temporaries
 
@@ -356,12 +357,80 @@ def _check_existing(run: _Run) -> None:
     else:
         raise AblationError(f'{run.files.root} holds a summary.json but no config.yaml: not a run of this ablation; '
                             f'remove it or choose another --out')
-    diffs = _differences(saved, run.record['config'], lenient)
+    diffs = _differences(complete_saved_config(saved), run.record['config'], lenient)
     if diffs:
         more = f' and {len(diffs) - 3} more' if len(diffs) > 3 else ''
         raise AblationError(
             f'{run.files.root} was trained with another definition of arm {run.arm!r} ({"; ".join(diffs[:3])}{more}): '
             f'restore that definition, give the changed arm a new name, or choose another --out')
+
+
+def _read_record(root: Path) -> Dict[str, Any]:
+    """A run directory's ablation record ({} when it has none)."""
+    try:
+        record = json.loads((root / RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def _trains_as(config: Dict[str, Any]) -> Dict[str, Any]:
+    """What decides a run's results: its config less the settings that do not change them, with
+    ``model_args`` replaced by every argument the model is built with, so that an arm giving a
+    default explicitly (``expansion_ratio: 3``) trains as one that leaves it unset. A key added to
+    :class:`~refiner.config.TrainConfig` after the run was recorded counts at its default."""
+    from .pretrained import ModelError, model_arguments
+    cfg = {**_comparable(TrainConfig().to_dict()), **complete_saved_config(_comparable(config))}
+    try:
+        cfg['model_args'] = model_arguments(cfg.get('model') or DEFAULT_MODEL, cfg.get('img_size'),
+                                            **cfg.get('model_args', {}))
+    except ModelError:
+        pass  # a model that only its run can build (a retrofit, fine-tuning weights): compared as given
+    return cfg
+
+
+class _Equivalents:
+    """The runs of other ablations (their output folders, ``--reuse``) that train exactly as a run of
+    this one: the same :func:`_trains_as`, which holds the seed and the fraction too. Looked up
+    just before a run trains, so that a run another invocation started meanwhile is found."""
+
+    def __init__(self, folders: Sequence[str]) -> None:
+        for folder in folders:
+            if not Path(folder).is_dir():
+                raise AblationError(f'--reuse {folder}: no such folder')
+        self.folders = [Path(f) for f in folders]
+        self._keys: Dict[str, Dict[str, Any]] = {}
+
+    def _trains_as(self, config: Dict[str, Any]) -> Dict[str, Any]:
+        key = json.dumps(config, sort_keys=True, default=str)
+        if key not in self._keys:
+            self._keys[key] = _trains_as(config)
+        return self._keys[key]
+
+    def find(self, run: _Run) -> Optional[Path]:
+        """The run directory (finished, or started) that trains exactly as ``run``, if any."""
+        if not self.folders:
+            return None
+        want = self._trains_as(run.record['config'])
+        for folder in self.folders:
+            for root in sorted(p for p in folder.iterdir() if p.is_dir()):
+                record = _read_record(root)
+                if ('config' in record and root.resolve() != run.files.root.resolve()
+                        and self._trains_as(record['config']) == want):
+                    return root
+        return None
+
+
+def _copy_run(run: _Run, source: Path) -> None:
+    """Make ``run`` a copy of the equivalent finished run ``source``: every file written atomically,
+    the summary last, so that a copy killed midway is finished by the next invocation (by copying
+    again, or by resuming from the copied final checkpoint)."""
+    record = dict(run.record, reused_from=str(source))
+    atomic_write_text(run.files.root / RECORD, json.dumps(record, indent=2) + '\n')
+    names = sorted(p.name for p in source.iterdir() if p.is_file() and p.name not in (RECORD, LOCK)
+                   and not p.name.startswith('.'))
+    for name in sorted(names, key=lambda n: n == run.files.summary.name):
+        atomic_write(run.files.root / name, lambda tmp, src=source / name: shutil.copyfile(src, tmp))
 
 
 def _check_model_builds(arm: str, cfg: TrainConfig, num_classes: int, img_size: Optional[int]) -> None:
@@ -529,7 +598,7 @@ def run_ablation(data: Optional[str] = None, fractions: Optional[Sequence[float]
                  models: Optional[Sequence[str]] = None, config: Optional[str] = None,
                  overrides: Optional[Dict[str, Any]] = None, progress: bool = True, *,
                  study: Optional[str] = None, arms: Optional[Sequence[Any]] = None,
-                 epochs: Optional[int] = None) -> Dict[str, Any]:
+                 epochs: Optional[int] = None, reuse: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Train every (arm, fraction, seed) run that has not finished yet; write ablation.json,
     ablation.md (the table) and ablation.png (top-1 against the number of training images).
 
@@ -538,7 +607,10 @@ def run_ablation(data: Optional[str] = None, fractions: Optional[Sequence[float]
     built-in arms, added likewise. Without any of the three: the ``refiner`` and ``vit`` arms.
     ``fractions``, ``seeds`` and ``epochs`` (the full-data run's epochs) default to the study's,
     then to (0.05, 0.1, 0.25, 1), (0, 1, 2) and the recipe's epochs. ``out`` defaults to
-    ``runs/ablate/<study>`` for a study, else ``runs/ablate``.
+    ``runs/ablate/<study>`` for a study, else ``runs/ablate``. ``reuse``: output folders of other
+    ablations; a run to train that one of their finished runs trains exactly as (same config once
+    the model's arguments are resolved, same fraction and seed) is copied from it instead, so
+    studies that share an arm (each study's released-Refiner arm) train it once.
     """
     setup = _setup(data, fractions, seeds, models, config, overrides, study, arms, epochs)
     st = setup.study
@@ -547,14 +619,22 @@ def run_ablation(data: Optional[str] = None, fractions: Optional[Sequence[float]
     for run in runs:
         _check_existing(run)
     todo = [r for r in runs if not r.files.summary.is_file()]
+    equivalents = _Equivalents(reuse or [])
     if progress:
         print(f'{len(setup.arms)} arms x {len(setup.fractions)} fractions x {len(setup.seeds)} seeds: {len(runs)} '
-              f'runs, {len(runs) - len(todo)} finished (reused), {len(todo)} to train; results in {root}', flush=True)
-    held = [run for run in todo if not _train_run(run, progress, wait=False)]
-    for run in held:  # the runs another invocation was training: wait for them (and train any it left unfinished)
+              f'runs, {len(runs) - len(todo)} finished (reused), {len(todo)} to train or copy; results in {root}',
+              flush=True)
+    held = [run for run in todo if not _train_run(run, progress, False, equivalents)]
+    # the runs another invocation was training, here or (an equivalent run) in a --reuse folder: wait for them,
+    # holding no lock meanwhile, then copy or train any it left unfinished
+    for run in held:
         if progress and not run.files.summary.is_file():
             print(f'--- {run.name}: another refiner ablate is training it; waiting for it', flush=True)
-        _train_run(run, progress, wait=True)
+        source = equivalents.find(run)
+        if source is not None:
+            with exclusive_lock(source / LOCK, wait=True):
+                pass
+        _train_run(run, progress, True, equivalents)
 
     report = _report(runs, resolved, setup.arms, setup.reference, setup.fractions, setup.seeds, setup.base, st)
     report['out'] = str(root)
@@ -566,8 +646,9 @@ def run_ablation(data: Optional[str] = None, fractions: Optional[Sequence[float]
     return report
 
 
-def _train_run(run: _Run, progress: bool, wait: bool) -> bool:
-    """Train the run, or continue it, under its lock; False (without ``wait``) when another invocation holds it."""
+def _train_run(run: _Run, progress: bool, wait: bool, equivalents: _Equivalents) -> bool:
+    """Train the run, continue it, or copy its equivalent finished run, under its lock; False (without
+    ``wait``) when another invocation holds it or is training its equivalent run."""
     from .train import train
 
     with exclusive_lock(run.files.root / LOCK, wait=wait) as mine:
@@ -576,6 +657,16 @@ def _train_run(run: _Run, progress: bool, wait: bool) -> bool:
         if run.files.summary.is_file():  # finished by another invocation meanwhile
             return True
         remove_temporaries(run.files.root)  # what a killed invocation was writing
+        source = equivalents.find(run)
+        if source is not None and not (source / 'summary.json').is_file() and not wait:
+            with exclusive_lock(source / LOCK) as free:
+                if not free:
+                    return False  # being trained there: come back for the copy
+        if source is not None and (source / 'summary.json').is_file():
+            if progress:
+                print(f'--- {run.name}: trains exactly as {source}; copied from there', flush=True)
+            _copy_run(run, source)
+            return True
         if progress:
             print(f'--- {run.name}: {run.n_train} training images, batch {run.cfg.batch_size}, '
                   f'{run.cfg.epochs} epochs', flush=True)
@@ -617,7 +708,8 @@ def _report(runs: List[_Run], resolved: Dict[str, Dict[str, Any]], arms: Sequenc
             'seed': run.seed, 'run': str(run.files.root), 'top1': summary['top1'], 'top5': summary.get('top5'),
             'ema_top1': summary.get('ema_top1'), 'epochs': summary.get('epochs'), 'steps': summary.get('steps'),
             'batch_size': run.cfg.batch_size, 'num_train': summary['num_train'],
-            'images_per_s': summary.get('images_per_s'), 'train_time_s': summary.get('train_time_s')})
+            'images_per_s': summary.get('images_per_s'), 'train_time_s': summary.get('train_time_s'),
+            'reused_from': _read_record(run.files.root).get('reused_from')})
     for name, entry in info.items():
         timed = [r for rs in entry['runs'].values() for r in rs if r['images_per_s'] and r['train_time_s']]
         seconds = sum(r['train_time_s'] for r in timed)

@@ -211,6 +211,9 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--epochs', type=int, help="the full-data run's epochs (the budget; default: the study's, "
                                               "else the recipe's)")
     p.add_argument('--out', help='folder of the runs and results (default: runs/ablate/<study>, else runs/ablate)')
+    p.add_argument('--reuse', nargs='+', metavar='FOLDER',
+                   help="other ablations' output folders: a run that one of their finished runs trains exactly as "
+                        "(same config, model arguments resolved, same fraction and seed) is copied, not trained")
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                    help="override any config key for every arm (YAML value; the arms' own overrides win)")
     p.add_argument('--no-progress', action='store_true')
@@ -230,7 +233,7 @@ def _ablate(args: argparse.Namespace) -> int:
     try:
         report = run_ablation(args.data, args.fractions, args.seeds, args.out, args.models, args.config,
                               parse_set(args.set), progress=not args.no_progress, study=args.study, arms=args.arm,
-                              epochs=args.epochs)
+                              epochs=args.epochs, reuse=args.reuse)
     except ConfigError as e:  # a study, an arm or an override that is not valid: the user's input
         raise UsageError(str(e)) from None
     print(report['table'])

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 __all__ = ['TrainConfig', 'AUGMENTATION_KEYS', 'load_recipe', 'list_recipes', 'apply_overrides', 'ConfigError',
-           'DEFAULT_MODEL', 'lr_scale_rule', 'scaled_lr']
+           'DEFAULT_MODEL', 'lr_scale_rule', 'scaled_lr', 'complete_saved_config']
 
 DEFAULT_MODEL = 'refiner_vit_s'  # what a run trains when neither the config nor finetune weights name a model
 
@@ -152,6 +152,16 @@ def scaled_lr(cfg: TrainConfig, global_batch: int) -> Tuple[float, str, str]:
     return lr, rule, (f'learning rate {lr:.3g} = lr {cfg.lr:.3g} (for a batch of {cfg.lr_base_size}) x '
                       f'{f"sqrt({ratio})" if rule == "sqrt" else ratio} (global batch {global_batch}): '
                       f'{rule} scaling ({why})')
+
+
+def complete_saved_config(saved: Dict[str, Any]) -> Dict[str, Any]:
+    """A run's saved config (its config.yaml) with the values that older versions of refiner left
+    implicit written out, so that it trains, resumes and compares as it was trained."""
+    saved = dict(saved)
+    if 'linear_probe' not in saved:  # written before epochs counted the cooldown epochs
+        saved['epochs'] = saved.get('epochs', 300) + saved.get('cooldown_epochs', 0)
+    saved.setdefault('lr_base_scale', 'linear')  # written when every learning rate was scaled linearly
+    return saved
 
 
 def _recipe_dir():

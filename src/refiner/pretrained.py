@@ -14,6 +14,7 @@ embeddings are resampled, a refinement the source lacks starts as the identity. 
 source that does not fit with one sentence naming the first tensor that differs.
 """
 import difflib
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +37,7 @@ from .convert import (
     variant_name,
 )
 
-__all__ = ['Source', 'ModelError', 'read_source', 'check_model_name', 'create_model', 'load_model',
+__all__ = ['Source', 'ModelError', 'read_source', 'check_model_name', 'create_model', 'model_arguments', 'load_model',
            'load_pretrained_weights', 'resolve_data_config', 'classifier_names']
 
 
@@ -198,6 +199,41 @@ def create_model(name: str, img_size: Optional[int] = None, **kwargs: Any) -> nn
             return timm.create_model(name, **kwargs)
     except (TypeError, ValueError, AssertionError) as e:
         raise ModelError(f'cannot create {name} with {kwargs}: {str(e).splitlines()[0]}') from None
+
+
+def model_arguments(name: str, img_size: Optional[int] = None, **kwargs: Any) -> Dict[str, Any]:
+    """Every argument ``create_model(name, img_size, **kwargs)`` builds the model's class with: what the
+    caller gives, what the timm entry point fixes and the class's defaults. Two sets of keyword
+    arguments build the same architecture exactly when these are equal (``expansion_ratio=3`` and
+    leaving it at its default, say). The model is built on the meta device: no memory, no weights."""
+    with torch.device('meta'):
+        cls = type(create_model(name, img_size, **kwargs))
+    # timm keeps no record of the arguments an entry point passes on, so record them as the class receives them
+    signature, own, calls = inspect.signature(cls.__init__), '__init__' in vars(cls), []
+    build = cls.__init__
+
+    def recording_init(self, *args: Any, **kw: Any) -> None:
+        if not calls:
+            calls.append(signature.bind(self, *args, **kw))
+        build(self, *args, **kw)
+
+    cls.__init__ = recording_init
+    try:
+        with torch.device('meta'):
+            create_model(name, img_size, **kwargs)
+    finally:
+        if own:
+            cls.__init__ = build
+        else:
+            del cls.__init__
+    bound = calls[0]
+    bound.apply_defaults()
+    args = dict(bound.arguments)
+    args.pop(next(iter(signature.parameters)))  # self
+    for param in signature.parameters.values():
+        if param.kind is param.VAR_KEYWORD:  # **kwargs: its entries, as if named
+            args.update(args.pop(param.name, {}))
+    return args
 
 
 def load_model(src: Union[str, Path, Source], model_name: Optional[str] = None, ema: bool = False,

@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from .checkpoint import RunFiles, load_state, save_state, save_weights
-from .config import AUGMENTATION_KEYS, DEFAULT_MODEL, TrainConfig, scaled_lr
+from .config import AUGMENTATION_KEYS, DEFAULT_MODEL, TrainConfig, complete_saved_config, scaled_lr
 from .data import (
     DataError,
     Datasets,
@@ -252,11 +252,8 @@ def train(cfg: TrainConfig, out: Optional[str] = None, resume: Optional[str] = N
         if not files.config.is_file():
             raise TrainingError(f'--resume {resume}: not a run directory (no config.yaml written by refiner train)')
         try:
-            saved = yaml.safe_load(files.config.read_text())
+            saved = complete_saved_config(yaml.safe_load(files.config.read_text()))
             keep = {'device': cfg.device, 'workers': cfg.workers}  # settings that do not change results
-            if 'linear_probe' not in saved:  # written before epochs counted the cooldown epochs
-                saved['epochs'] = saved.get('epochs', 300) + saved.get('cooldown_epochs', 0)
-            saved.setdefault('lr_base_scale', 'linear')  # written when every learning rate was scaled linearly
             cfg = TrainConfig(**{**saved, **keep})
         except Exception as e:
             raise TrainingError(f'--resume {resume}: config.yaml is not a refiner training config ({e})') from None
