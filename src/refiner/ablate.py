@@ -41,6 +41,11 @@ existed), and the first that differs stops the ablation with an error that names
 the keys that differ. A study may gain arms (their runs are new directories) without touching the
 runs of the others.
 
+Studies that share an arm train it once (``reuse``, ``--reuse``): a run that a run in another
+ablation's output folder trains exactly as (:func:`_trains_as`: the same config, the model's
+arguments resolved, the same seed and fraction) is copied from there, or, while another invocation
+trains that run, left until the rest are trained and then waited for and copied.
+
 Results (``<out>/``): ablation.md (the table: per arm its parameters, forward FLOPs per image,
 training images/s and the held-out top-1, mean ± std over seeds, for every fraction, with the
 difference from the reference arm and whether it lies within the seed spread), ablation.json
@@ -747,19 +752,22 @@ def _table(report: Dict[str, Any]) -> str:
     info, fractions, ref = report['models'], report['fractions'], report['reference']
     flops = [m['flops'] for m in info.values() if m['flops']]
     scale, unit = (1e9, 'GFLOPs') if flops and max(flops) >= 1e9 else (1e6, 'MFLOPs')
-    header = f'| arm | params | {unit} | train img/s | ' + ' | '.join(f'{f:g} of train' for f in fractions) + ' |'
-    lines = [header, '|' + ' --- |' * (len(fractions) + 4)]
+    header = (f'| arm | params | {unit} | train img/s | train min | '
+              + ' | '.join(f'{f:g} of train' for f in fractions) + ' |')
+    lines = [header, '|' + ' --- |' * (len(fractions) + 5)]
     for name in report['arms']:
         m = info[name]
         cells = [_fmt_stat(m['stats'][f'{f:g}']) for f in fractions]
         fl = f'{m["flops"] / scale:.2f}' if m['flops'] else 'n/a'
         ips = f'{m["train_images_per_s"]:.0f}' if m['train_images_per_s'] else 'n/a'
-        lines.append(f'| {name} ({m["model"]}) | {m["params"] / 1e6:.3f}M | {fl} | {ips} | ' + ' | '.join(cells)
-                     + ' |')
+        minutes = f'{m["train_time_s"] / 60:.0f}' if m['train_time_s'] else 'n/a'
+        lines.append(f'| {name} ({m["model"]}) | {m["params"] / 1e6:.3f}M | {fl} | {ips} | {minutes} | '
+                     + ' | '.join(cells) + ' |')
     n = len(report['seeds'])
     lines += ['', f'Held-out top-1 (%), mean ± std over {n} seed{"s" if n > 1 else ""}; in brackets the difference '
                   f'of means from the reference arm {ref}, "within spread" when it is smaller than the larger of the '
-                  f'two standard deviations. {unit}: one image\'s forward pass; train img/s: all the arm\'s runs.']
+                  f'two standard deviations. {unit}: one image\'s forward pass; train img/s and train min (the '
+                  f'wall time of training): all the arm\'s runs together.']
     return '\n'.join(lines)
 
 
