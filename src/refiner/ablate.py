@@ -413,17 +413,18 @@ class _Equivalents:
         return self._keys[key]
 
     def find(self, run: _Run) -> Optional[Path]:
-        """The run directory (finished, or started) that trains exactly as ``run``, if any."""
+        """The run directory that trains exactly as ``run``, a finished one first, if any."""
         if not self.folders:
             return None
         want = self._trains_as(run.record['config'])
+        found = []
         for folder in self.folders:
             for root in sorted(p for p in folder.iterdir() if p.is_dir()):
                 record = _read_record(root)
                 if ('config' in record and root.resolve() != run.files.root.resolve()
                         and self._trains_as(record['config']) == want):
-                    return root
-        return None
+                    found.append(root)
+        return min(found, key=lambda root: not (root / 'summary.json').is_file(), default=None)
 
 
 def _copy_run(run: _Run, source: Path) -> None:
