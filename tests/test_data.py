@@ -66,6 +66,24 @@ def test_augmentation_is_a_function_of_seed_epoch_and_index():
     assert not torch.equal(a[7][0], b[7][0])
 
 
+def test_cluttered_digits_are_the_digits_placed_among_pieces_of_others():
+    plain, clutter = build_datasets('digits'), build_datasets('digits_clutter')
+    assert (clutter.num_train, clutter.num_val, clutter.default_img_size) == (1347, 450, 32)
+    assert clutter.train.targets == plain.train.targets and clutter.val.targets == plain.val.targets  # same split
+    for ds, base in ((clutter.train, plain.train), (clutter.val, plain.val)):
+        for i in range(0, len(ds), 97):
+            img, digit = np.asarray(ds.load(i)[0])[..., 0], np.asarray(base.load(i)[0])[..., 0]
+            assert img.shape == (32, 32)
+            big = digit.repeat(2, 0).repeat(2, 1)
+            # the digit, upsampled, lies whole somewhere on the canvas (clutter only brightens it) ...
+            assert any((img[y:y + 16, x:x + 16] >= big).all() for y in range(17) for x in range(17))
+            assert (img > 0).sum() > (big > 0).sum()  # ... among clutter
+    again = build_datasets('digits_clutter', fraction=0.1, fraction_seed=3)
+    index = {t: i for i, t in enumerate(map(bytes, (np.asarray(clutter.train.load(i)[0]) for i in range(1347))))}
+    for i in range(len(again.train)):  # a fraction takes a subset of the same images: generated once, fixed
+        assert bytes(np.asarray(again.train.load(i)[0])) in index
+
+
 def test_digits_split_is_fixed_and_fractions_are_stratified():
     full, small = build_datasets('digits'), build_datasets('digits', fraction=0.05, fraction_seed=1)
     assert (full.num_train, full.num_val) == (1347, 450)

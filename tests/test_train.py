@@ -255,6 +255,13 @@ def test_recipes_load_and_validate():
                                                                                                   .99996)
     assert s.aa == 'rand-m9-mstd0.5-inc1' and s.reprob == 0.25 and (s.mixup, s.cutmix, s.smoothing) == (.8, 1., .1)
     assert apply_overrides(load_recipe('refiner_l_tl'), {}).drop_path == 0.25
+    # each embedded dataset has its recipe; a dataset of yours starts from TrainConfig's defaults
+    from refiner.config import default_recipe
+    assert [default_recipe(d) for d in (None, 'digits', 'digits_clutter', 'data/mine')] == [
+        'default', 'default', 'digits_clutter', None]
+    clutter, default = apply_overrides(load_recipe('digits_clutter'), {}), apply_overrides(load_recipe('default'), {})
+    assert (clutter.data, clutter.img_size, default.img_size) == ('digits_clutter', 32, 16)
+    assert clutter.model == default.model and clutter.lr == default.lr  # the rest is the default run's
 
 
 def test_ablate_end_to_end_reuses_finished_runs(tmp_path):

@@ -65,7 +65,15 @@ import yaml
 
 from .bench import count_flops
 from .checkpoint import RunFiles
-from .config import DEFAULT_MODEL, ConfigError, TrainConfig, apply_overrides, complete_saved_config, load_recipe
+from .config import (
+    DEFAULT_MODEL,
+    ConfigError,
+    TrainConfig,
+    apply_overrides,
+    complete_saved_config,
+    default_recipe,
+    load_recipe,
+)
 from .data import build_datasets
 from .fileio import atomic_write, atomic_write_text, exclusive_lock, remove_temporaries
 
@@ -566,7 +574,7 @@ def _setup(data: Optional[str], fractions: Optional[Sequence[float]], seeds: Opt
     if not seeds:
         raise AblationError('give at least one seed')
 
-    recipe_name = config or ('default' if data in (None, 'digits') else None)
+    recipe_name = config or default_recipe(data)
     recipe = load_recipe(recipe_name) if recipe_name else {}
     base = _merge(recipe, st.base if st else {})
     if st and st.epochs:

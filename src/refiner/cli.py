@@ -60,12 +60,13 @@ _TRAIN_FLAGS = {  # flag -> config key
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--config', default=None,
-                   help="a shipped recipe (default, finetune, refiner_s, refiner_m, refiner_s_tl, refiner_m_tl, "
-                        "refiner_l_tl, refiner_s_384, refiner_m_384, refiner_l_384) or a YAML file; default: "
-                        "'default' on the embedded digits, the DeiT-style defaults with --data")
+                   help="a shipped recipe (default, digits_clutter, finetune, refiner_s, refiner_m, refiner_s_tl, "
+                        "refiner_m_tl, refiner_l_tl, refiner_s_384, refiner_m_384, refiner_l_384) or a YAML file; "
+                        "default: the embedded dataset's recipe (default, digits_clutter), the DeiT-style defaults "
+                        "with a dataset of yours")
     p.add_argument('--model', help='any timm model name (refiner_vit_*, vit_*, deit_*, resnet*, ...)')
-    p.add_argument('--data', help='a folder with train/ and val/ class subfolders, or a timm dataset spec '
-                                  '(default: the embedded digits)')
+    p.add_argument('--data', help='a folder with train/ and val/ class subfolders, a timm dataset spec, or an '
+                                  'embedded dataset: digits (the default), digits_clutter (harder: 32 px, cluttered)')
     p.add_argument('--out', help='run directory (default: runs/<model>-<time>)')
     p.add_argument('--epochs', type=int)
     p.add_argument('--batch-size', type=int, help='per process')
@@ -92,11 +93,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_config(args: argparse.Namespace):
-    from .config import apply_overrides, load_recipe, parse_set
-    recipe = args.config or ('default' if args.data in (None, 'digits') else None)
+    from .config import apply_overrides, default_recipe, load_recipe, parse_set
+    recipe = args.config or default_recipe(args.data)  # none for a user's dataset: the DeiT-style defaults
     base = load_recipe(recipe) if recipe else {}
-    if args.data not in (None, 'digits') and args.config is None:
-        base = {}  # the generic (DeiT-style) defaults for a user's dataset
     flags = {key: getattr(args, flag) for flag, key in _TRAIN_FLAGS.items()}
     if args.refine is not None and args.refine.isdigit():
         flags['refine'] = int(args.refine)  # the last N blocks
@@ -203,11 +202,12 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--models', nargs='+', choices=['refiner', 'vit', 'convstem_vit'],
                    help='built-in arms: the base Refiner, a plain ViT of matched shape, the Refiner without '
                         'refinement (default without --study or --arm: refiner vit)')
-    p.add_argument('--data', help='dataset (default: the embedded digits)')
+    p.add_argument('--data', help='dataset (default: the embedded digits; digits_clutter: harder, cluttered)')
     p.add_argument('--fractions', type=float, nargs='+', help="fractions of the training split (default: the "
                                                                "study's, else 0.05 0.1 0.25 1)")
     p.add_argument('--seeds', type=int, nargs='+', help="default: the study's, else 0 1 2")
-    p.add_argument('--config', help="recipe every arm starts from (default: 'default' on digits)")
+    p.add_argument('--config', help="recipe every arm starts from (default: the embedded dataset's: 'default' "
+                                    "on digits, 'digits_clutter' on digits_clutter)")
     p.add_argument('--epochs', type=int, help="the full-data run's epochs (the budget; default: the study's, "
                                               "else the recipe's)")
     p.add_argument('--out', help='folder of the runs and results (default: runs/ablate/<study>, else runs/ablate)')

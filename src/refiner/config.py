@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import yaml
 
 __all__ = ['TrainConfig', 'AUGMENTATION_KEYS', 'load_recipe', 'list_recipes', 'apply_overrides', 'ConfigError',
-           'DEFAULT_MODEL', 'lr_scale_rule', 'scaled_lr', 'complete_saved_config']
+           'DEFAULT_MODEL', 'lr_scale_rule', 'scaled_lr', 'complete_saved_config', 'default_recipe']
 
 DEFAULT_MODEL = 'refiner_vit_s'  # what a run trains when neither the config nor finetune weights name a model
 
@@ -170,6 +170,13 @@ def _recipe_dir():
 
 def list_recipes() -> List[str]:
     return sorted(p.name[:-5] for p in _recipe_dir().iterdir() if p.name.endswith('.yaml'))
+
+
+def default_recipe(data: Optional[str]) -> Optional[str]:
+    """The recipe a run on ``data`` starts from when none is given: the one named after an embedded
+    dataset (``default`` for the digits, ``digits_clutter``), none for a user's dataset (then
+    :class:`TrainConfig`'s DeiT-style defaults apply)."""
+    return {None: 'default', 'digits': 'default', 'digits_clutter': 'digits_clutter'}.get(data)
 
 
 def load_recipe(name_or_path: str, _seen: tuple = ()) -> Dict[str, Any]:

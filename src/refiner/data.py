@@ -3,6 +3,9 @@
 - ``digits``: scikit-learn's handwritten digits (1,797 8×8 grey images, 10 classes), shipped
   inside the installed package, so the default run needs no download. A fixed stratified split
   (25% held out, seed 0) is the evaluation set; training never sees it.
+- ``digits_clutter``: the same digits, harder, and where locality matters: each one upsampled to
+  16×16 at a random place on a 32×32 canvas among pieces of other digits (cluttered MNIST, Mnih et
+  al. 2014, at the digits' scale). Generated once from a fixed seed; same split, same classes.
 - ``--data DIR``: an ImageFolder layout (``DIR/train/<class>/*``, ``DIR/val/<class>/*``), or any
   timm dataset spec (``tfds/...``, ``hfds/...``, ``wds/...``) through timm's dataset factory.
 
@@ -275,13 +278,42 @@ def _check_classes(wanted: Sequence[str], available: Sequence[str], where: str) 
     return wanted
 
 
-def _digits(fraction: float, fraction_seed: int, classes: Optional[Sequence[str]] = None) -> Datasets:
+CLUTTER_CANVAS, CLUTTER_PIECES, CLUTTER_PIECE_SIZE = 32, 4, 6  # digits_clutter: canvas side, pieces per image
+
+
+def _clutter(digits: np.ndarray, seed: int) -> np.ndarray:
+    """Each digit (N, 8, 8), upsampled to 16×16, at a random place on a CLUTTER_CANVAS square among
+    CLUTTER_PIECES random CLUTTER_PIECE_SIZE squares cut from other digits of the same set (so no
+    piece of a held-out digit reaches the training images); overlaps keep the brighter pixel."""
+    rng = np.random.default_rng(seed)
+    big = digits.repeat(2, axis=1).repeat(2, axis=2)  # (N, 16, 16)
+    n, side, piece = len(digits), big.shape[1], CLUTTER_PIECE_SIZE
+    out = np.zeros((n, CLUTTER_CANVAS, CLUTTER_CANVAS), np.uint8)
+    for i in range(n):
+        for _ in range(CLUTTER_PIECES):
+            j = (i + rng.integers(1, n)) % n  # any other digit
+            sy, sx = rng.integers(0, side - piece + 1, size=2)
+            y, x = rng.integers(0, CLUTTER_CANVAS - piece + 1, size=2)
+            window = out[i, y:y + piece, x:x + piece]
+            np.maximum(window, big[j, sy:sy + piece, sx:sx + piece], out=window)
+        y, x = rng.integers(0, CLUTTER_CANVAS - side + 1, size=2)
+        window = out[i, y:y + side, x:x + side]
+        np.maximum(window, big[i], out=window)
+    return out
+
+
+def _digits(fraction: float, fraction_seed: int, classes: Optional[Sequence[str]] = None,
+            clutter: bool = False) -> Datasets:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
     images = np.clip(digits.images / 16.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)  # (1797, 8, 8)
     tr, va = train_test_split(np.arange(len(images)), test_size=0.25, random_state=0, stratify=digits.target)
+    if clutter:  # each split cluttered with pieces of its own digits, before any class or fraction is taken
+        canvas = np.zeros((len(images), CLUTTER_CANVAS, CLUTTER_CANVAS), np.uint8)
+        canvas[tr], canvas[va] = _clutter(images[tr], seed=1), _clutter(images[va], seed=2)
+        images = canvas
     names = [str(c) for c in range(10)]
     targets = digits.target
     if classes is not None:  # a subset of the digits, relabelled 0..k-1 in the given order
@@ -293,8 +325,10 @@ def _digits(fraction: float, fraction_seed: int, classes: Optional[Sequence[str]
     tr = _subset(tr, targets[tr], fraction, fraction_seed)
     train = ArrayDataset(images[tr], targets[tr], names)
     val = ArrayDataset(images[va], targets[va], names)
-    return Datasets(train, val, names, f'scikit-learn digits{"" if classes is None else " " + ",".join(names)}: '
-                    f'{len(tr)} train / {len(va)} held-out images, 8x8 grey', len(tr), len(va), default_img_size=16)
+    side = images.shape[-1]
+    return Datasets(train, val, names, f'scikit-learn digits{" cluttered" if clutter else ""}'
+                    f'{"" if classes is None else " " + ",".join(names)}: {len(tr)} train / {len(va)} held-out '
+                    f'images, {side}x{side} grey', len(tr), len(va), default_img_size=32 if clutter else 16)
 
 
 def _subset(indices: np.ndarray, targets: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -358,11 +392,12 @@ def _timm_spec(spec: str, root: Optional[str]) -> Datasets:
 
 def build_datasets(data: Optional[str], fraction: float = 1.0, fraction_seed: int = 0,
                    classes: Optional[Sequence[str]] = None) -> Datasets:
-    """``None`` or ``'digits'``: the embedded default; a directory: ImageFolder; ``name/...``: a timm spec.
+    """``None`` or ``'digits'``: the embedded default; ``'digits_clutter'``: its cluttered form; a
+    directory: ImageFolder; ``name/...``: a timm spec.
     ``classes`` keeps only those classes (relabelled 0..k-1 in that order), e.g. to pretrain on some
     classes and fine-tune on the others."""
-    if data in (None, '', 'digits'):
-        return _digits(fraction, fraction_seed, classes)
+    if data in (None, '', 'digits', 'digits_clutter'):
+        return _digits(fraction, fraction_seed, classes, clutter=data == 'digits_clutter')
     if '/' in data and data.split('/', 1)[0] in ('tfds', 'hfds', 'hfids', 'wds', 'torch') and not Path(data).exists():
         if classes is not None:
             raise DataError(f'classes: selecting classes needs the digits or an image folder, not {data}')
