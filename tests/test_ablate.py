@@ -49,13 +49,14 @@ def _mtimes(root):
 
 def test_shipped_studies():
     assert {'expansion', 'kernel', 'dla_form', 'spatial', 'blocks', 'refinement', 'grid8_refinement',
-            'grid8_spatial', 'grid8_expansion', 'grid8_kernel', 'grid8_dla_form'} <= set(STUDIES)
+            'grid8_spatial', 'grid8_expansion', 'grid8_kernel', 'grid8_dla_form', 'clutter_components'} <= set(STUDIES)
     for name in STUDIES:
         study = load_study(name)
         assert study.description and len(study.arms) >= 2
-        assert study.fractions == [0.1, 1.0] and study.seeds == [0, 1, 2] and 10 <= study.epochs <= 40
-        if name.startswith('grid8'):
+        assert study.fractions in ([0.1, 1.0], [1.0]) and study.seeds == [0, 1, 2] and 10 <= study.epochs <= 40
+        if name.startswith(('grid8', 'clutter')):
             assert study.base['img_size'] == 32  # patch 4: an 8x8 token grid
+        assert study.base.get('data', 'digits') == ('digits_clutter' if name.startswith('clutter') else 'digits')
 
 
 @pytest.mark.parametrize('name', STUDIES)
@@ -69,7 +70,7 @@ def test_every_arm_builds_at_full_size(name):
         with torch.no_grad():
             assert model(torch.zeros(2, 3, size, size)).shape == (2, 10)
         grid = size // cfg.model_args['patch_size']
-        assert grid == (8 if name.startswith('grid8') else 4)
+        assert grid == (8 if name.startswith(('grid8', 'clutter')) else 4)
         built[arm] = (cfg.model, cfg.model_args)
         if cfg.model == recipe['model']:  # the arm's model_args merge into the recipe's
             assert cfg.model_args['patch_size'] == recipe['model_args']['patch_size']
