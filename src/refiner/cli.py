@@ -213,7 +213,8 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--out', help='folder of the runs and results (default: runs/ablate/<study>, else runs/ablate)')
     p.add_argument('--reuse', nargs='+', metavar='FOLDER',
                    help="other ablations' output folders: a run that one of their finished runs trains exactly as "
-                        "(same config, model arguments resolved, same fraction and seed) is copied, not trained")
+                        "(same config, model arguments resolved, same fraction and seed) is copied, not trained; "
+                        "one that another invocation is training there is waited for")
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                    help="override any config key for every arm (YAML value; the arms' own overrides win)")
     p.add_argument('--no-progress', action='store_true')
