@@ -441,9 +441,9 @@ def _copy_run(run: _Run, source: Path) -> None:
     again, or by resuming from the copied final checkpoint)."""
     record = dict(run.record, reused_from=str(source))
     atomic_write_text(run.files.root / RECORD, json.dumps(record, indent=2) + '\n')
-    names = sorted(p.name for p in source.iterdir() if p.is_file() and p.name not in (RECORD, LOCK)
-                   and not p.name.startswith('.'))
-    for name in sorted(names, key=lambda n: n == run.files.summary.name):
+    names = [p.name for p in source.iterdir() if p.is_file() and p.name not in (RECORD, LOCK)
+             and not p.name.startswith('.')]
+    for name in sorted(names, key=lambda n: (n == run.files.summary.name, n)):  # the summary last
         atomic_write(run.files.root / name, lambda tmp, src=source / name: shutil.copyfile(src, tmp))
 
 
