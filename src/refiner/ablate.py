@@ -574,7 +574,7 @@ def _setup(data: Optional[str], fractions: Optional[Sequence[float]], seeds: Opt
     if not seeds:
         raise AblationError('give at least one seed')
 
-    recipe_name = config or default_recipe(data)
+    recipe_name = config or default_recipe(data or (st.base.get('data') if st else None))
     recipe = load_recipe(recipe_name) if recipe_name else {}
     base = _merge(recipe, st.base if st else {})
     if st and st.epochs:

@@ -6,8 +6,11 @@
 - ``digits_clutter``: the same digits, harder, and where locality matters: each one upsampled to
   16×16 at a random place on a 32×32 canvas among pieces of other digits (cluttered MNIST, Mnih et
   al. 2014, at the digits' scale). Generated once from a fixed seed; same split, same classes.
+- ``fashion_mnist`` (``fashion_mnist:DIR``): Fashion-MNIST's 60,000 training images; its official
+  10,000 test images are the held-out split (see :mod:`refiner.fashion_mnist`; never downloaded).
 - ``--data DIR``: an ImageFolder layout (``DIR/train/<class>/*``, ``DIR/val/<class>/*``), or any
-  timm dataset spec (``tfds/...``, ``hfds/...``, ``wds/...``) through timm's dataset factory.
+  timm dataset spec (``torch/...``, ``tfds/...``, ``hfds/...``, ``wds/...``) through timm's dataset
+  factory, with its class names; a fraction or a class subset where its labels can be listed.
 
 Images are decoded robustly (grey, palette, RGBA, CMYK and 16-bit images become 8-bit RGB; files
 that cannot be read are skipped and counted, never a crash). Augmentation randomness is a function
@@ -27,11 +30,14 @@ import torch
 from PIL import Image, ImageFile
 from torch.utils.data import Dataset, Sampler
 
+from . import fashion_mnist
+
 __all__ = [
     'DataError', 'SkipLog', 'build_datasets', 'collate_skipping', 'load_rgb', 'EpochSampler', 'SeededTransformDataset',
-    'safe_posterize', 'eval_transform',
+    'safe_posterize', 'eval_transform', 'EMBEDDED_DATASETS', 'dataset_targets',
 ]
 
+EMBEDDED_DATASETS = ('digits', 'digits_clutter')  # shipped inside the installed package
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 
 
@@ -142,22 +148,46 @@ class ArrayDataset(Dataset):
 
 
 class TimmDataset(Dataset):
-    """A timm dataset (``create_dataset``) whose samples are (PIL image, target)."""
+    """A timm dataset (``create_dataset``) whose samples are (PIL image, target), optionally a subset
+    of its ``indices`` with its targets relabelled by ``relabel`` (old label -> new label)."""
 
-    def __init__(self, ds: Any) -> None:
-        self.ds = ds
-        self.classes = list(getattr(getattr(ds, 'reader', None), 'class_to_idx', {}) or [])
-        self.targets: Optional[List[int]] = None
+    def __init__(self, ds: Any, indices: Optional[Sequence[int]] = None,
+                 relabel: Optional[Dict[int, int]] = None, classes: Optional[Sequence[str]] = None) -> None:
+        self.ds, self.relabel = ds, relabel
+        reader = getattr(ds, 'reader', None)
+        # timm's readers map names to labels; torchvision's datasets (torch/...) list their names
+        names = list(getattr(reader, 'class_to_idx', None) or getattr(ds, 'classes', None) or [])
+        self.classes = [str(c) for c in (classes if classes is not None else names)]
+        self.indices = list(indices) if indices is not None else None
+        self.targets = dataset_targets(ds)
+        if self.targets is not None:
+            self.targets = [self.targets[i] for i in (self.indices or range(len(self.targets)))]
+            if relabel is not None:
+                self.targets = [relabel[t] for t in self.targets]
 
     def __len__(self) -> int:
-        return len(self.ds)
+        return len(self.indices) if self.indices is not None else len(self.ds)
 
     def load(self, index: int) -> Tuple[Optional[Image.Image], int, str]:
+        i = self.indices[index] if self.indices is not None else index
         try:
-            img, target = self.ds[index]
-            return to_rgb(img), int(target), f'#{index}'
+            img, target = self.ds[i]
+            target = int(target)
+            return to_rgb(img), self.relabel[target] if self.relabel is not None else target, f'#{i}'
         except Exception:
-            return None, -1, f'#{index}'
+            return None, -1, f'#{i}'
+
+
+def dataset_targets(ds: Any) -> Optional[List[int]]:
+    """Every sample's label without decoding an image: torchvision's ``targets`` or a timm reader's
+    ``samples``; None for a dataset that does not list them (an iterable one)."""
+    targets = getattr(ds, 'targets', None)
+    if targets is None:
+        samples = getattr(getattr(ds, 'reader', None), 'samples', None)
+        if samples is None:
+            return None
+        targets = [s[1] for s in samples]
+    return [int(t) for t in (targets.tolist() if hasattr(targets, 'tolist') else targets)]
 
 
 def _sample_seed(*parts: int) -> int:
@@ -302,6 +332,23 @@ def _clutter(digits: np.ndarray, seed: int) -> np.ndarray:
     return out
 
 
+def _from_arrays(images: np.ndarray, targets: np.ndarray, tr: np.ndarray, va: np.ndarray, names: List[str],
+                 fraction: float, fraction_seed: int, classes: Optional[Sequence[str]], where: str
+                 ) -> Tuple[ArrayDataset, ArrayDataset, List[str]]:
+    """The training images ``tr`` and held-out images ``va`` (indices into ``images``) of an in-memory
+    dataset, restricted to ``classes`` (relabelled 0..k-1 in the given order) and a stratified
+    ``fraction`` of the training split."""
+    if classes is not None:
+        names_all = names
+        names = _check_classes(classes, names_all, where)
+        relabel = np.full(len(names_all), -1)
+        relabel[[names_all.index(c) for c in names]] = np.arange(len(names))
+        targets = relabel[targets]
+        tr, va = tr[targets[tr] >= 0], va[targets[va] >= 0]
+    tr = _subset(tr, targets[tr], fraction, fraction_seed)
+    return ArrayDataset(images[tr], targets[tr], names), ArrayDataset(images[va], targets[va], names), names
+
+
 def _digits(fraction: float, fraction_seed: int, classes: Optional[Sequence[str]] = None,
             clutter: bool = False) -> Datasets:
     from sklearn.datasets import load_digits
@@ -314,21 +361,31 @@ def _digits(fraction: float, fraction_seed: int, classes: Optional[Sequence[str]
         canvas = np.zeros((len(images), CLUTTER_CANVAS, CLUTTER_CANVAS), np.uint8)
         canvas[tr], canvas[va] = _clutter(images[tr], seed=1), _clutter(images[va], seed=2)
         images = canvas
-    names = [str(c) for c in range(10)]
-    targets = digits.target
-    if classes is not None:  # a subset of the digits, relabelled 0..k-1 in the given order
-        names = _check_classes(classes, names, 'the digits')
-        relabel = np.full(10, -1)
-        relabel[[int(c) for c in names]] = np.arange(len(names))
-        targets = relabel[digits.target]
-        tr, va = tr[targets[tr] >= 0], va[targets[va] >= 0]
-    tr = _subset(tr, targets[tr], fraction, fraction_seed)
-    train = ArrayDataset(images[tr], targets[tr], names)
-    val = ArrayDataset(images[va], targets[va], names)
+    train, val, names = _from_arrays(images, digits.target, tr, va, [str(c) for c in range(10)], fraction,
+                                     fraction_seed, classes, 'the digits')
     side = images.shape[-1]
     return Datasets(train, val, names, f'scikit-learn digits{" cluttered" if clutter else ""}'
-                    f'{"" if classes is None else " " + ",".join(names)}: {len(tr)} train / {len(va)} held-out '
-                    f'images, {side}x{side} grey', len(tr), len(va), default_img_size=32 if clutter else 16)
+                    f'{"" if classes is None else " " + ",".join(names)}: {len(train)} train / {len(val)} held-out '
+                    f'images, {side}x{side} grey', len(train), len(val), default_img_size=32 if clutter else 16)
+
+
+def _fashion_mnist(root: Optional[str], fraction: float, fraction_seed: int,
+                   classes: Optional[Sequence[str]] = None) -> Datasets:
+    """Fashion-MNIST's 60,000 training images and, held out, its official 10,000 test images."""
+    try:
+        train_images, train_targets = fashion_mnist.load_split(Path(root).expanduser() if root else None, 'train')
+        test_images, test_targets = fashion_mnist.load_split(Path(root).expanduser() if root else None, 'test')
+    except fashion_mnist.FashionMNISTError as e:
+        raise DataError(str(e)) from None
+    images = np.concatenate([train_images, test_images])  # (70000, 28, 28)
+    targets = np.concatenate([train_targets, test_targets])
+    tr, va = np.arange(len(train_images)), np.arange(len(train_images), len(images))
+    train, val, names = _from_arrays(images, targets, tr, va, list(fashion_mnist.CLASSES), fraction, fraction_seed,
+                                     classes, 'Fashion-MNIST')
+    side = images.shape[-1]
+    return Datasets(train, val, names, f'Fashion-MNIST{"" if classes is None else " " + ",".join(names)}: '
+                    f'{len(train)} train / {len(val)} test images, {side}x{side} grey', len(train), len(val),
+                    default_img_size=side)
 
 
 def _subset(indices: np.ndarray, targets: np.ndarray, fraction: float, seed: int) -> np.ndarray:
@@ -379,7 +436,8 @@ def _image_folder(root: Path, fraction: float, fraction_seed: int, classes: Opti
                     f'{len(train.classes)} classes', len(train), len(val))
 
 
-def _timm_spec(spec: str, root: Optional[str]) -> Datasets:
+def _timm_spec(spec: str, root: Optional[str], fraction: float, fraction_seed: int,
+               classes: Optional[Sequence[str]] = None) -> Datasets:
     from timm.data import create_dataset
     try:
         train = create_dataset(spec, root=root, split='train', is_training=True)
@@ -387,20 +445,40 @@ def _timm_spec(spec: str, root: Optional[str]) -> Datasets:
     except Exception as e:
         raise DataError(f'could not open timm dataset {spec!r}: {e}') from None
     tr, va = TimmDataset(train), TimmDataset(val)
-    return Datasets(tr, va, tr.classes, f'timm dataset {spec}', len(tr), len(va))
+    if fraction < 1.0 or classes is not None:
+        if tr.targets is None or va.targets is None or not tr.classes:
+            what = ', '.join(w for w, on in (('--train-fraction', fraction < 1.0), ('--classes', classes)) if on)
+            raise DataError(f'{what}: timm dataset {spec} does not list its labels and class names without reading '
+                            f'every image; use an image folder, a torch/... spec or fashion_mnist for that')
+        names = tr.classes
+        keep, relabel = np.arange(len(tr)), None
+        if classes is not None:
+            names = _check_classes(classes, tr.classes, spec)
+            relabel = {tr.classes.index(c): i for i, c in enumerate(names)}
+        targets, val_targets = np.array(tr.targets), np.array(va.targets)
+        if relabel:  # relabelled before the fraction is drawn, as _from_arrays does
+            keep = keep[np.isin(targets, list(relabel))]
+            targets = np.array([relabel.get(int(t), -1) for t in targets])
+        keep = _subset(keep, targets[keep], fraction, fraction_seed)
+        val_keep = np.flatnonzero(np.isin(val_targets, list(relabel))) if relabel else None
+        tr = TimmDataset(train, keep.tolist(), relabel, names)
+        va = TimmDataset(val, None if val_keep is None else val_keep.tolist(), relabel, names)
+    return Datasets(tr, va, tr.classes, f'timm dataset {spec}: {len(tr)} train / {len(va)} val images, '
+                    f'{len(tr.classes)} classes', len(tr), len(va))
 
 
 def build_datasets(data: Optional[str], fraction: float = 1.0, fraction_seed: int = 0,
                    classes: Optional[Sequence[str]] = None) -> Datasets:
-    """``None`` or ``'digits'``: the embedded default; ``'digits_clutter'``: its cluttered form; a
-    directory: ImageFolder; ``name/...``: a timm spec.
+    """``None`` or ``'digits'``: the embedded default; ``'digits_clutter'``: its cluttered form;
+    ``'fashion_mnist'`` (``:DIR`` optional): Fashion-MNIST's IDX files; a directory: ImageFolder;
+    ``name/...``: a timm spec. ``fraction`` keeps a stratified fraction of the training split;
     ``classes`` keeps only those classes (relabelled 0..k-1 in that order), e.g. to pretrain on some
     classes and fine-tune on the others."""
-    if data in (None, '', 'digits', 'digits_clutter'):
+    if data in (None, '', *EMBEDDED_DATASETS):
         return _digits(fraction, fraction_seed, classes, clutter=data == 'digits_clutter')
+    name, _, root = (data or '').partition(':')
+    if name == 'fashion_mnist' and not Path(data).exists():
+        return _fashion_mnist(root or None, fraction, fraction_seed, classes)
     if '/' in data and data.split('/', 1)[0] in ('tfds', 'hfds', 'hfids', 'wds', 'torch') and not Path(data).exists():
-        if classes is not None:
-            raise DataError(f'classes: selecting classes needs the digits or an image folder, not {data}')
-        spec, _, root = data.partition(':')
-        return _timm_spec(spec, root or None)
+        return _timm_spec(name, root or None, fraction, fraction_seed, classes)
     return _image_folder(Path(data).expanduser(), fraction, fraction_seed, classes)
