@@ -1,0 +1,66 @@
+"""The ``refiner`` command line: its interface (a golden file) and how ``main`` reports errors.
+
+``tests/data/cli.json`` holds every subcommand, flag, choice and default of ``build_parser()``. It is
+compared as a whole, so that moving code between modules cannot change the interface unnoticed. After a
+deliberate change to the interface, regenerate it and review the diff::
+
+    REFINER_REGEN_CLI=1 python -m pytest tests/test_cli.py -k golden
+"""
+import argparse
+import json
+import os
+from pathlib import Path
+
+from refiner.cli import build_parser
+
+GOLDEN = Path(__file__).parent / 'data' / 'cli.json'
+
+
+def _describe(parser: argparse.ArgumentParser) -> dict:
+    """A parser as plain data: each argument's flags, destination, nargs, type, choices, default and
+    whether it is required; each subcommand's parser the same way (help text left out: it is prose)."""
+    arguments, commands = [], {}
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        if isinstance(action, argparse._SubParsersAction):
+            commands = {name: _describe(sub) for name, sub in action.choices.items()}
+            continue
+        arguments.append({
+            'flags': list(action.option_strings) or [action.dest],
+            'dest': action.dest,
+            'action': type(action).__name__,
+            'nargs': action.nargs,
+            'type': getattr(action.type, '__name__', None if action.type is None else repr(action.type)),
+            'choices': None if action.choices is None else list(action.choices),
+            'default': action.default if action.default is not argparse.SUPPRESS else '==SUPPRESS==',
+            'required': action.required,
+            'metavar': action.metavar,
+        })
+    return {'arguments': arguments, 'commands': commands}
+
+
+def _dump(tree: dict, indent: str = '') -> str:
+    """One argument a line, so that a change to the interface is a one-line diff."""
+    lines = [f'{indent}{{"arguments": [']
+    lines += [f'{indent}  {json.dumps(a)},' for a in tree['arguments']]
+    if tree['arguments']:
+        lines[-1] = lines[-1][:-1]
+    lines.append(f'{indent}], "commands": {{')
+    for i, (name, sub) in enumerate(tree['commands'].items()):
+        lines.append(f'{indent}  {json.dumps(name)}:')
+        lines.append(_dump(sub, indent + '  ') + (',' if i < len(tree['commands']) - 1 else ''))
+    lines.append(f'{indent}}}}}')
+    return '\n'.join(lines)
+
+
+def test_the_command_line_matches_the_golden_file():
+    """Every subcommand, flag, choice and default, as checked in; regenerate with REFINER_REGEN_CLI=1."""
+    now = _describe(build_parser())
+    if os.environ.get('REFINER_REGEN_CLI'):
+        GOLDEN.write_text(_dump(now) + '\n')
+    golden = json.loads(GOLDEN.read_text())
+    assert list(now['commands']) == list(golden['commands'])
+    for name, command in golden['commands'].items():
+        assert now['commands'][name] == command, f'refiner {name}: its arguments changed (see tests/test_cli.py)'
+    assert now == golden
