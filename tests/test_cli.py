@@ -64,3 +64,49 @@ def test_the_command_line_matches_the_golden_file():
     for name, command in golden['commands'].items():
         assert now['commands'][name] == command, f'refiner {name}: its arguments changed (see tests/test_cli.py)'
     assert now == golden
+
+
+def _project_errors():
+    import importlib
+    import inspect
+    import pkgutil
+
+    import refiner
+    found = {}
+    for info in pkgutil.walk_packages(refiner.__path__, 'refiner.'):
+        if info.name.endswith('__main__') or 'triton' in info.name:
+            continue
+        module = importlib.import_module(info.name)
+        for name, obj in vars(module).items():
+            if inspect.isclass(obj) and issubclass(obj, BaseException) and obj.__module__.startswith('refiner'):
+                found[f'{obj.__module__}.{name}'] = obj
+    return found
+
+
+def test_every_project_error_derives_from_refiner_error_and_keeps_its_builtin_base():
+    """``main`` catches one class: an error class that does not derive from it would print a traceback."""
+    from refiner.errors import RefinerError
+    errors = _project_errors()
+    for name in ('refiner.config.ConfigError', 'refiner.train.TrainingError', 'refiner.data.DataError',
+                 'refiner.export.ExportError', 'refiner.pretrained.ModelError', 'refiner.devices.DeviceError'):
+        assert name in errors, name
+    for name, cls in errors.items():
+        assert issubclass(cls, RefinerError), f'{name} does not derive from refiner.errors.RefinerError'
+    # the built-in base each had before stays, so that `except ValueError` / `except RuntimeError` still works
+    from refiner.config import ConfigError
+    from refiner.export import ExportError
+    from refiner.train import TrainingError
+    assert issubclass(ConfigError, ValueError) and issubclass(TrainingError, RuntimeError)
+    assert issubclass(ExportError, RuntimeError)
+
+
+def test_main_prints_a_project_error_as_one_sentence(monkeypatch, capsys):
+    from refiner import cli
+    from refiner.data import DataError
+
+    def fails(args):
+        raise DataError('--data nowhere: no such folder')
+
+    monkeypatch.setitem(cli.COMMANDS, 'eval', (cli.COMMANDS['eval'][0], fails, 'eval'))
+    assert cli.main(['eval', '--checkpoint', 'x']) == 1
+    assert capsys.readouterr().err == 'refiner eval: --data nowhere: no such folder\n'

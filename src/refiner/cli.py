@@ -4,6 +4,8 @@ import argparse
 import sys
 from typing import Callable, Dict, List, Optional
 
+from .errors import RefinerError
+
 __all__ = ['main', 'build_parser']
 
 SOURCE_HELP = ('a run directory, a .safetensors written by refiner, an original Refiner checkpoint (.pth, .pth.tar), '
@@ -11,8 +13,8 @@ SOURCE_HELP = ('a run directory, a .safetensors written by refiner, an original 
                'needs --model)')
 
 
-class UsageError(Exception):
-    pass
+class UsageError(RefinerError):
+    """Arguments that do not fit together (exit code 2, as argparse's own)."""
 
 
 def _model_dtype_arg(p: argparse.ArgumentParser, several: bool = False) -> None:
@@ -411,21 +413,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    from .analysis import AnalysisError
-    from .checkpoint import CheckpointError
-    from .config import ConfigError
-    from .data import DataError
-    from .devices import DeviceError
-    from .export import ExportError
-    from .pretrained import ModelError
-    from .train import TrainingError
     try:
         return COMMANDS[args.command][1](args) or 0
     except UsageError as e:
         print(f'refiner {args.command}: {e}', file=sys.stderr)
         return 2
-    except (AnalysisError, CheckpointError, ConfigError, DataError, DeviceError, ExportError, ModelError,
-            TrainingError) as e:
+    except RefinerError as e:  # every project error: a sentence for the user
         print(f'refiner {args.command}: {e}', file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -11,6 +11,8 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
+from .errors import RefinerError
+
 __all__ = ['TrainConfig', 'AUGMENTATION_KEYS', 'load_recipe', 'list_recipes', 'apply_overrides', 'ConfigError',
            'DEFAULT_MODEL', 'lr_scale_rule', 'scaled_lr', 'complete_saved_config', 'default_recipe']
 
@@ -21,7 +23,7 @@ DEFAULT_MODEL = 'refiner_vit_s'  # what a run trains when neither the config nor
 AUGMENTATION_KEYS = ('scale', 'ratio', 'hflip', 'aa', 'reprob', 'remode', 'train_interpolation', 'interpolation')
 
 
-class ConfigError(ValueError):
+class ConfigError(RefinerError, ValueError):
     """A recipe or an override that is not valid."""
 
 

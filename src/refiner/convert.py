@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .errors import RefinerError
 from .fileio import atomic_write
 from .models.refiner_vit import RefinerViT, is_official_state_dict, official_to_refiner
 
@@ -33,7 +34,7 @@ _VARIANTS = {  # (embed_dim, depth, num_heads) -> registered name
 }
 
 
-class CheckpointError(ValueError):
+class CheckpointError(RefinerError, ValueError):
     """A file or state dict that is not a usable Refiner checkpoint."""
 
 

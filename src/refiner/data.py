@@ -31,6 +31,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import Dataset, Sampler
 
 from . import fashion_mnist
+from .errors import RefinerError
 
 __all__ = [
     'DataError', 'SkipLog', 'build_datasets', 'collate_skipping', 'load_rgb', 'EpochSampler', 'SeededTransformDataset',
@@ -41,7 +42,7 @@ EMBEDDED_DATASETS = ('digits', 'digits_clutter')  # shipped inside the installed
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 
 
-class DataError(ValueError):
+class DataError(RefinerError, ValueError):
     """A dataset that cannot be used as given; the message says what was expected."""
 
 

@@ -7,13 +7,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .errors import RefinerError
+
 __all__ = ['DeviceError', 'MODEL_DTYPES', 'all_reduce', 'model_dtype', 'resolve_device', 'resolve_model_dtype']
 
 # timm's --model-dtype values (validate.py, train.py, benchmark.py): the weights are cast, no autocast
 MODEL_DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
 
 
-class DeviceError(ValueError):
+class DeviceError(RefinerError, ValueError):
     """A device that cannot be used here; the message says which can."""
 
 

@@ -7,11 +7,13 @@ from typing import Any, Dict, Optional, Sequence, Tuple, Union
 import timm
 import torch
 
+from .errors import RefinerError
+
 __all__ = ['export_onnx', 'export_torchscript', 'export_hf', 'check_onnx', 'check_torchscript', 'check_hf',
            'ExportError', 'input_stride', 'onnx_input_shape']
 
 
-class ExportError(RuntimeError):
+class ExportError(RefinerError, RuntimeError):
     """An export that failed or whose outputs differ from PyTorch's."""
 
 

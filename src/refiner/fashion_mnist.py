@@ -13,6 +13,8 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from .errors import RefinerError
+
 __all__ = ['CLASSES', 'DEBIAN_DIR', 'FILES', 'read_idx', 'find_files', 'load_split', 'FashionMNISTError']
 
 CLASSES = ['T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot']
@@ -23,7 +25,7 @@ _DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: np.dtype('>i2'), 0x0C: np.dtype(
            0x0E: np.dtype('>f8')}
 
 
-class FashionMNISTError(ValueError):
+class FashionMNISTError(RefinerError, ValueError):
     """Fashion-MNIST files that are missing or not IDX; the message says how to get them."""
 
 

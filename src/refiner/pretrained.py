@@ -36,12 +36,13 @@ from .convert import (
     read_checkpoint,
     variant_name,
 )
+from .errors import RefinerError
 
 __all__ = ['Source', 'ModelError', 'read_source', 'check_model_name', 'create_model', 'model_arguments', 'load_model',
            'load_pretrained_weights', 'resolve_data_config', 'classifier_names']
 
 
-class ModelError(ValueError):
+class ModelError(RefinerError, ValueError):
     """A model name timm does not know, or arguments the model rejects."""
 
 # keys of a model's input size and normalisation, as timm's data configs name them

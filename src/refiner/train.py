@@ -66,6 +66,7 @@ from .data import (
     safe_posterize,
 )
 from .devices import all_reduce, resolve_device
+from .errors import RefinerError
 from .evaluate import evaluate
 from .fileio import atomic_write_text
 from .pretrained import (
@@ -83,7 +84,7 @@ __all__ = ['train', 'TrainingError']
 _STATE_FORMAT = 'refiner-train-state'  # checkpoint.pt's 'format'
 
 
-class TrainingError(RuntimeError):
+class TrainingError(RefinerError, RuntimeError):
     """A run that cannot start or continue; the message says why."""
 
 

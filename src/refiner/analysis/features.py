@@ -14,10 +14,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from ..errors import RefinerError
+
 __all__ = ['AnalysisError', 'NoIntermediatesError', 'block_features', 'iterate_features']
 
 
-class AnalysisError(ValueError):
+class AnalysisError(RefinerError, ValueError):
     """An analysis request that cannot be carried out as given; the message says what was expected."""
 
 
