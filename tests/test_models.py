@@ -117,17 +117,17 @@ def test_stem_recomputation_same_outputs_gradients_and_statistics(monkeypatch):
 
 
 def test_stem_hands_the_free_heap_back_between_the_blocks_and_its_backward(monkeypatch):
-    import refiner.models.refiner_vit as refiner_vit
+    import refiner.models.blocks as blocks  # the stem's module
     from refiner.kernels import release_free_heap
     release_free_heap()  # runs wherever it is called (glibc or not)
     model = _tiny().train()
     seen = []
-    monkeypatch.setattr(refiner_vit, 'release_free_heap', lambda grad: seen.append(
+    monkeypatch.setattr(blocks, 'release_free_heap', lambda grad: seen.append(
         (all(p.grad is not None for p in model.blocks.parameters()), model.patch_embed.conv1.weight.grad is None)))
     model(torch.randn(2, 3, 32, 32)).mean().backward()
     assert seen == []  # these maps are small enough for the heap
     model.zero_grad(set_to_none=True)
-    monkeypatch.setattr(refiner_vit, 'MMAP_THRESHOLD_MAX', 0)  # as if they were not
+    monkeypatch.setattr(blocks, 'MMAP_THRESHOLD_MAX', 0)  # as if they were not
     model(torch.randn(2, 3, 32, 32)).mean().backward()
     assert seen == [(True, True)]  # once, after the blocks' backward and before the stem's
     with torch.no_grad():
@@ -310,3 +310,14 @@ def test_drop_path_rate_is_linear():
     model = _tiny(drop_path_rate=0.2)
     rates = [getattr(b.drop_path1, 'drop_prob', 0.0) for b in model.blocks]
     assert math.isclose(rates[-1], 0.2) and rates[0] == 0.0 and rates == sorted(rates)
+
+
+def test_one_architecture_table_registers_the_variants_and_names_original_checkpoints():
+    """convert names an original checkpoint's variant from the same table the registrations read."""
+    from refiner.convert import variant_name
+    from refiner.models import ARCHITECTURES, RELEASED
+    assert set(timm.list_models('refiner_vit_*')) == set(ARCHITECTURES)
+    for name, shape in ARCHITECTURES.items():
+        assert variant_name(shape) == (name if name in RELEASED else None)
+    nano = timm.create_model('refiner_vit_nano', num_classes=3)
+    assert (nano.embed_dim, len(nano.blocks)) == (128, ARCHITECTURES['refiner_vit_nano']['depth'])

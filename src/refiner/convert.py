@@ -18,7 +18,9 @@ import torch
 
 from .errors import RefinerError
 from .fileio import atomic_write
-from .models.refiner_vit import RefinerViT, is_official_state_dict, official_to_refiner
+from .models.official_keys import is_official_state_dict, official_to_refiner
+from .models.refiner_vit import RefinerViT
+from .models.variants import ARCHITECTURES, RELEASED
 
 __all__ = [
     'CheckpointError', 'check_state_dict', 'convert_checkpoint', 'infer_official_config', 'is_official_state_dict',
@@ -27,11 +29,9 @@ __all__ = [
 
 StateDict = Dict[str, torch.Tensor]
 
-_VARIANTS = {  # (embed_dim, depth, num_heads) -> registered name
-    (384, 16, 12): 'refiner_vit_s',
-    (420, 32, 12): 'refiner_vit_m',
-    (512, 32, 16): 'refiner_vit_l',
-}
+# (embed_dim, depth, num_heads) -> registered name, for the shapes the authors released
+_VARIANTS = {(a['embed_dim'], a['depth'], a['num_heads']): name
+             for name, a in ARCHITECTURES.items() if name in RELEASED}
 
 
 class CheckpointError(RefinerError, ValueError):

@@ -1,4 +1,4 @@
-"""Refiner-ViT: a ViT whose self-attention maps are refined by distributed local attention.
+"""The Refiner-ViT model (a ViT whose attention maps are refined), its weights filter and timm registrations.
 
 Zhou et al., "Refiner: Refining Self-attention for Vision Transformers", arXiv 2106.03714.
 
@@ -16,201 +16,35 @@ Image to logits:
 The numerics equal the authors' code: their blocks compute x + 2·f(LN(0.5·x)); LN(0.5·x, ε) is
 LN(x, 4ε), so blocks here use ε = 4e-6 and the factor 2 lives in the converted weights
 (see :mod:`refiner.convert`). The MLP branch carries a per-channel layer scale (init 1e-5).
+
+Sections, in timm's order: the model; the weights filter; the registrations. The stem and the block are
+in :mod:`.blocks`, the authors' key renames in :mod:`.official_keys`, the variants' shapes (one table,
+which :mod:`refiner.convert` also reads) and pretrained configs in :mod:`.variants`.
 """
-from functools import partial
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
-import torch.nn.functional as F
-from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
-from timm.layers import DropPath, LayerScale, Mlp, register_notrace_function, resample_abs_pos_embed, trunc_normal_
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers import resample_abs_pos_embed, trunc_normal_
+from timm.models import build_model_with_cfg, register_model
 from timm.models._features import feature_take_indices
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..kernels import (
-    MMAP_THRESHOLD_MAX,
-    eager_mode,
-    forget_recipe,
-    gelu_linear,
-    kernels_apply,
-    recompute,
-    release_free_heap,
-    use_kernels,
-)
-from ..layers import BatchNorm2d, DistributedLocalAttention, RefinedAttention
-from ..layers.norm import conv_like, fold_batchnorm
+from ..kernels import forget_recipe
+from .blocks import ConvStem, RefinerBlock, check_image_input
+from .official_keys import is_official_state_dict, official_to_refiner
+from .variants import ARCHITECTURES, RELEASED, default_cfgs  # noqa: F401  (default_cfgs: timm finds them here)
 
 try:
     from timm.models._input import update_model_input_size  # timm's record of a resized model (timm >= 1.0.2x)
 except ImportError:
     update_model_input_size = None
 
-__all__ = ['RefinerViT', 'RefinerBlock', 'ConvStem', 'check_image_input']
+__all__ = ['RefinerViT', 'RefinerBlock', 'ConvStem', 'check_image_input', 'checkpoint_filter_fn', 'ARCHITECTURES',
+           'RELEASED']
 
 
-@register_notrace_function
-def check_image_input(x: torch.Tensor, in_chans: int, patch_size: int) -> None:
-    """Raise a ValueError unless x is a (B, in_chans, H, W) batch with H and W multiples of the patch."""
-    if x.dim() != 4 or x.shape[1] != in_chans:
-        raise ValueError(f'expected a batch of images shaped (B, {in_chans}, H, W), got {list(x.shape)}')
-    if x.shape[2] % patch_size != 0 or x.shape[3] % patch_size != 0:
-        raise ValueError(
-            f'image size {x.shape[2]}x{x.shape[3]} is not divisible by the patch size {patch_size}; '
-            f'resize or crop to a multiple of {patch_size}')
-
-
-class ConvStem(nn.Module):
-    """The convolutional patch embedding of Refiner-ViT (after T2T-ViT): (B, C_in, S, S) -> (B, S/p, S/p, C).
-
-    conv 7×7 stride 2 -> BN -> ReLU -> conv 3×3 -> BN -> ReLU -> conv 3×3 -> BN -> ReLU ->
-    conv (p/2)×(p/2) stride p/2, so the total stride is the patch size p.
-    """
-
-    def __init__(self, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 384, stem_dims=(32, 64, 128)):
-        super().__init__()
-        if patch_size < 2 or patch_size % 2:
-            raise ValueError(f'the conv stem needs an even patch size >= 2, got {patch_size}')
-        self.patch_size = patch_size
-        self.in_chans = in_chans
-        c1, c2, c3 = stem_dims
-        self.conv1 = nn.Conv2d(in_chans, c1, 7, stride=2, padding=3, bias=False)
-        self.bn1 = BatchNorm2d(c1)  # counts each batch once under the recomputation below
-        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1, bias=False)
-        self.bn2 = BatchNorm2d(c2)
-        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1, bias=False)
-        self.bn3 = BatchNorm2d(c3)
-        self.act = nn.ReLU(inplace=True)
-        self.proj = nn.Conv2d(c3, embed_dim, patch_size // 2, stride=patch_size // 2)
-        self.use_kernels = use_kernels()  # in training, recompute the stem's maps in backward (refiner.kernels)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_image_input(x, self.in_chans, self.patch_size)
-        x = x.contiguous(memory_format=torch.channels_last)  # oneDNN / cuDNN convolutions are fastest NHWC
-        if not torch.jit.is_scripting() and self._recompute(x):
-            # at half the input's resolution the stem's maps outweigh the blocks' activations: keep
-            # none of them and recompute them in backward (a few percent of the step)
-            out = recompute(self._embed, x)
-            if out.requires_grad and self._maps_outgrow_free_heap(x):
-                # the recomputation comes right after the blocks' activations have been freed: hand
-                # that memory back first, so that peak memory is not the sum of both
-                out.register_hook(release_free_heap)
-            return out
-        return self._embed(x)
-
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.act(self.bn1(self.conv1(x)))  # (B, 32, S/2, S/2)
-        x = self.act(self.bn2(self.conv2(x)))
-        x = self.bn3(self.conv3(x))  # (B, 128, S/2, S/2), before its ReLU
-        # the (p/2)×(p/2)-stride-(p/2) projection as one matrix product over patches (much faster than
-        # a strided convolution's backward on CPU); ReLU on the patch copy, so that one tensor is kept
-        B, c3, H2, W2 = x.shape
-        k = self.proj.kernel_size[0]
-        h, w = H2 // k, W2 // k
-        patches = x.permute(0, 2, 3, 1).reshape(B, h, k, w, k, c3).permute(0, 1, 3, 2, 4, 5).reshape(B, h, w, -1)
-        weight = self.proj.weight.permute(0, 2, 3, 1).reshape(self.proj.out_channels, -1)  # (C, k·k·128)
-        return F.linear(self.act(patches), weight, self.proj.bias)  # (B, S/p, S/p, C)
-
-    @torch.jit.unused
-    def _recompute(self, x: torch.Tensor) -> bool:
-        return self.use_kernels and self.training and torch.is_grad_enabled() and eager_mode(x)
-
-    @torch.jit.unused
-    def _maps_outgrow_free_heap(self, x: torch.Tensor) -> bool:
-        """Whether the stem's largest maps are served by fresh pages rather than the free heap."""
-        B, _, S1, S2 = x.shape
-        largest = B * self.conv3.out_channels * (S1 // 2) * (S2 // 2) * x.element_size()
-        return x.device.type == 'cpu' and largest > MMAP_THRESHOLD_MAX
-
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Fold the BatchNorms into the convolutions (inference)."""
-        for conv_name, bn_name in (('conv1', 'bn1'), ('conv2', 'bn2'), ('conv3', 'bn3')):
-            conv, bn = getattr(self, conv_name), getattr(self, bn_name)
-            if isinstance(bn, nn.BatchNorm2d):
-                setattr(self, conv_name, conv_like(conv, *fold_batchnorm(conv, bn)))
-                setattr(self, bn_name, nn.Identity())
-
-
-class RefinerBlock(nn.Module):
-    """Pre-norm transformer block with refined attention; ``forward(x, prev_attn) -> (x, attn)``."""
-
-    def __init__(
-            self,
-            dim: int,
-            num_heads: int,
-            mlp_ratio: float = 3.,
-            qkv_bias: bool = True,
-            reuse_attn: bool = False,
-            refine_own_map: bool = False,
-            refine_mode: Union[str, Sequence[str]] = 'inverted_residual',
-            expansion_ratio: int = 3,
-            refine_kernel_size: int = 3,
-            refine_layout: str = 'raster',
-            init_values: Optional[float] = 1e-5,
-            norm_eps: float = 4e-6,
-            proj_drop: float = 0.,
-            attn_drop: float = 0.,
-            drop_path: float = 0.,
-            act_layer: type = nn.GELU,
-    ) -> None:
-        super().__init__()
-        norm_layer = partial(nn.LayerNorm, eps=norm_eps)
-        self.norm1 = norm_layer(dim)
-        refine_module = None
-        if reuse_attn or refine_own_map:
-            refine_module = DistributedLocalAttention(
-                num_heads, expansion_ratio=expansion_ratio, refine_kernel_size=refine_kernel_size, mode=refine_mode,
-                refine_layout=refine_layout)
-        self.attn = RefinedAttention(
-            dim, num_heads, qkv_bias=qkv_bias, reuse_attn=reuse_attn, refine=refine_module,
-            refine_norm=reuse_attn, attn_drop=attn_drop, proj_drop=proj_drop)
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.norm2 = norm_layer(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), act_layer=act_layer, drop=proj_drop)
-        self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0. else nn.Identity()
-        self.use_kernels = use_kernels()  # the lean MLP below (refiner.kernels)
-
-    def forward(self, x: torch.Tensor, prev_attn: Optional[torch.Tensor] = None,
-                grid_size: Optional[Tuple[int, int]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        y, attn = self.attn(self.norm1(x), prev_attn, grid_size)
-        x = x + self.drop_path1(y)
-        x = x + self.drop_path2(self._mlp(self.norm2(x)))
-        return x, attn
-
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        """ls2(mlp(x)); in eager training, fc2(gelu(·)) with the layer scale folded into fc2's weights
-        and GELU recomputed in backward (the same result in less memory)."""
-        if not torch.jit.is_scripting() and self._lean_mlp_applies(x):
-            return self._lean_mlp(x)
-        return self.ls2(self.mlp(x))
-
-    @torch.jit.unused
-    def _lean_mlp_applies(self, x: torch.Tensor) -> bool:
-        m = self.mlp
-        return (self.use_kernels and self.training and torch.is_grad_enabled() and kernels_apply(x)
-                and isinstance(m.act, nn.GELU) and m.act.approximate == 'none' and isinstance(m.norm, nn.Identity)
-                and not any(isinstance(d, nn.Dropout) and d.p > 0 for d in (m.drop1, m.drop2)))
-
-    @torch.jit.unused
-    def _lean_mlp(self, x: torch.Tensor) -> torch.Tensor:
-        weight, bias = self.mlp.fc2.weight, self.mlp.fc2.bias
-        if isinstance(self.ls2, LayerScale):
-            weight, bias = weight * self.ls2.gamma[:, None], bias * self.ls2.gamma
-        return gelu_linear(self.mlp.fc1(x), weight, bias)
-
-    @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Fold the MLP's layer scale into fc2 (inference)."""
-        if isinstance(self.ls2, LayerScale):
-            gamma = self.ls2.gamma
-            self.mlp.fc2.weight.mul_(gamma.view(-1, 1))
-            if self.mlp.fc2.bias is not None:
-                self.mlp.fc2.bias.mul_(gamma)
-            self.ls2 = nn.Identity()
-
+# ------------------------------------------------------------------------------------------- model
 
 class RefinerViT(nn.Module):
     """Refiner-ViT, with the interface of timm's ``VisionTransformer``.
@@ -531,36 +365,8 @@ class RefinerViT(nn.Module):
         return reparameterize_model(self, inplace=True)
 
 
-# original module names inside a refining block's attention -> ours
-_OFFICIAL_RENAMES = (
-    ('.attn.DLA.conv_exp.', '.attn.refine.expand.'),
-    ('.attn.DLA.bn1.', '.attn.refine.expand_norm.'),
-    ('.attn.DLA.depth_sep_conv.', '.attn.refine.local.'),
-    ('.attn.DLA.bn2.', '.attn.refine.local_norm.'),
-    ('.attn.DLA.conv_pro.', '.attn.refine.reduce.'),
-    ('.attn.DLA.bn3.', '.attn.refine.reduce_norm.'),
-    ('.attn.adapt_bn.', '.attn.refine_norm.'),
-    ('.mlp.scale_channel', '.ls2.gamma'),
-)
 
-
-def is_official_state_dict(state_dict: Mapping[str, Any]) -> bool:
-    """True for the authors' key layout (their refinement lives in ``attn.DLA``)."""
-    return any('.attn.DLA.' in k or k.endswith('.mlp.scale_channel') for k in state_dict)
-
-
-def official_to_refiner(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """Rename the original's keys to this project's and fold its factor 2 on the residual branches."""
-    out: Dict[str, torch.Tensor] = {}
-    for k, v in state_dict.items():
-        for old, new in _OFFICIAL_RENAMES:
-            k = k.replace(old, new)
-        if k.startswith('blocks.') and (k.endswith('.attn.proj.weight') or k.endswith('.attn.proj.bias')
-                                        or k.endswith('.ls2.gamma')):
-            v = v * 2  # x + 2·f(...) in the original
-        out[k] = v
-    return out
-
+# ----------------------------------------------------------------------------------- weights filter
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RefinerViT) -> Dict[str, torch.Tensor]:
     """Accept this project's weights and the authors' original checkpoints; resample position
@@ -580,7 +386,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: RefinerViT)
     return out
 
 
+
 def _create_refiner_vit(variant: str, pretrained: bool = False, **kwargs) -> RefinerViT:
+    kwargs = dict(ARCHITECTURES[variant], **kwargs)  # the table's shape; the caller's arguments win
     out_indices = kwargs.pop('out_indices', 3)
     return build_model_with_cfg(
         RefinerViT, variant, pretrained,
@@ -590,72 +398,35 @@ def _create_refiner_vit(variant: str, pretrained: bool = False, **kwargs) -> Ref
     )
 
 
-def _cfg(input_size: int = 224, crop_pct: float = 0.9, **kwargs) -> Dict[str, Any]:
-    return {
-        'url': '',  # the authors' checkpoints are not fetched; see refiner.load_official / `refiner convert`
-        'num_classes': 1000,
-        'input_size': (3, input_size, input_size),
-        'pool_size': None,
-        'crop_pct': crop_pct,
-        'interpolation': 'bicubic',
-        'fixed_input_size': False,
-        'mean': IMAGENET_INCEPTION_MEAN,
-        'std': IMAGENET_INCEPTION_STD,
-        'first_conv': 'patch_embed.conv1',
-        'classifier': 'head',
-        'paper_ids': 'arXiv:2106.03714',
-        'paper_name': 'Refiner: Refining Self-attention for Vision Transformers',
-        'origin_url': 'https://github.com/zhoudaquan/Refiner_ViT',
-        **kwargs,
-    }
 
-
-default_cfgs = generate_default_cfgs({
-    # published ImageNet-1k top-1: S 83.6 / 84.6 (384); M 84.6 / 85.6; L 84.9 / 85.8 / 86.0 (448)
-    'refiner_vit_s.in1k': _cfg(224, crop_pct=0.9),
-    'refiner_vit_s.in1k_384': _cfg(384, crop_pct=1.0),
-    'refiner_vit_m.in1k': _cfg(224, crop_pct=1.0),
-    'refiner_vit_m.in1k_384': _cfg(384, crop_pct=1.0),
-    'refiner_vit_l.in1k': _cfg(224, crop_pct=1.13),
-    'refiner_vit_l.in1k_384': _cfg(384, crop_pct=1.0),
-    'refiner_vit_l.in1k_448': _cfg(448, crop_pct=1.0),
-    # small variants, trained from scratch (no published weights)
-    'refiner_vit_ti': _cfg(224, crop_pct=0.9),
-    'refiner_vit_nano': _cfg(32, crop_pct=1.0),
-})
-
+# ----------------------------------------------------------------------------------- registrations
 
 @register_model
 def refiner_vit_s(pretrained: bool = False, **kwargs) -> RefinerViT:
     """Refiner-ViT-S: C 384, 16 blocks (8 attention + 8 refining), 12 heads; 25.0M parameters."""
-    model_args = dict(embed_dim=384, depth=16, num_heads=12, mlp_ratio=3.)
-    return _create_refiner_vit('refiner_vit_s', pretrained, **dict(model_args, **kwargs))
+    return _create_refiner_vit('refiner_vit_s', pretrained, **kwargs)
 
 
 @register_model
 def refiner_vit_m(pretrained: bool = False, **kwargs) -> RefinerViT:
     """Refiner-ViT-M: C 420, 32 blocks (16 + 16), 12 heads; 55.0M parameters."""
-    model_args = dict(embed_dim=420, depth=32, num_heads=12, mlp_ratio=3.)
-    return _create_refiner_vit('refiner_vit_m', pretrained, **dict(model_args, **kwargs))
+    return _create_refiner_vit('refiner_vit_m', pretrained, **kwargs)
 
 
 @register_model
 def refiner_vit_l(pretrained: bool = False, **kwargs) -> RefinerViT:
     """Refiner-ViT-L: C 512, 32 blocks (16 + 16), 16 heads; 80.6M parameters."""
-    model_args = dict(embed_dim=512, depth=32, num_heads=16, mlp_ratio=3.)
-    return _create_refiner_vit('refiner_vit_l', pretrained, **dict(model_args, **kwargs))
+    return _create_refiner_vit('refiner_vit_l', pretrained, **kwargs)
 
 
 @register_model
 def refiner_vit_ti(pretrained: bool = False, **kwargs) -> RefinerViT:
     """Refiner-ViT-Ti (this project): C 192, 12 blocks (6 + 6), 6 heads."""
-    model_args = dict(embed_dim=192, depth=12, num_heads=6, mlp_ratio=3.)
-    return _create_refiner_vit('refiner_vit_ti', pretrained, **dict(model_args, **kwargs))
+    return _create_refiner_vit('refiner_vit_ti', pretrained, **kwargs)
 
 
 @register_model
 def refiner_vit_nano(pretrained: bool = False, **kwargs) -> RefinerViT:
     """Refiner-ViT-Nano (this project), for small images on a CPU: 32×32 input, patch 4, C 128,
     6 blocks (3 + 3), 4 heads."""
-    model_args = dict(img_size=32, patch_size=4, embed_dim=128, depth=6, num_heads=4, mlp_ratio=3.)
-    return _create_refiner_vit('refiner_vit_nano', pretrained, **dict(model_args, **kwargs))
+    return _create_refiner_vit('refiner_vit_nano', pretrained, **kwargs)
