@@ -124,19 +124,12 @@ def check_torchscript(path: str, model: torch.nn.Module, img_size: int, batches:
 def load_for_export(model_name: Optional[str], checkpoint: Optional[str], img_size: Optional[int],
                     model_args: Optional[dict] = None) -> Tuple[torch.nn.Module, Dict[str, Any]]:
     """The model to export and its info (``data_config``, ``classes``, ``model_name``, ``model_args``):
-    from a checkpoint (any source :func:`refiner.pretrained.load_model` reads) or by name (random weights)."""
-    from .pretrained import create_model, load_model, resolve_data_config
-    if checkpoint:
-        return load_model(checkpoint, model_name=model_name, img_size=img_size)
-    if not model_name:
+    from a checkpoint (any source :func:`refiner.pretrained.load_model` reads) or by name (random weights),
+    through :func:`refiner.pretrained.load_or_create`."""
+    from .pretrained import load_or_create
+    if not checkpoint and not model_name:
         raise ExportError('give --model NAME or --checkpoint PATH')
-    kwargs = dict(model_args or {})
-    if img_size:
-        kwargs['img_size'] = img_size
-    model = create_model(model_name, **kwargs).eval()
-    info = {'source': f'{model_name} (random weights)', 'model_name': model_name, 'model_args': kwargs,
-            'data_config': resolve_data_config(model), 'classes': None}
-    return model, info
+    return load_or_create(model_name, checkpoint or None, img_size, model_args)
 
 
 def _class_count_once(config_path: Path) -> None:

@@ -7,7 +7,8 @@ nesting, ``module.`` prefixes); a timm / Hugging Face Hub model folder (``config
 ``save_for_hf`` write it); or a bare weights file of a timm model (``.pth`` / ``.bin`` /
 ``.safetensors``, which needs the model's name).
 
-:func:`load_model` rebuilds a source's model exactly (evaluation, prediction, analysis, export);
+:func:`load_model` rebuilds a source's model exactly (evaluation, prediction, analysis, export), and
+:func:`load_or_create` also builds one by name (``--model`` without ``--checkpoint``: export, analysis);
 :func:`load_pretrained_weights` loads a source into a model built for a new task (fine-tuning), as
 timm and DeiT do it: classifier heads of another class count are re-initialised, position
 embeddings are resampled, a refinement the source lacks starts as the identity. Either refuses a
@@ -39,7 +40,7 @@ from .convert import (
 from .errors import RefinerError
 
 __all__ = ['Source', 'ModelError', 'read_source', 'check_model_name', 'create_model', 'model_arguments', 'load_model',
-           'load_pretrained_weights', 'resolve_data_config', 'classifier_names']
+           'load_pretrained_weights', 'resolve_data_config', 'classifier_names', 'load_or_create']
 
 
 class ModelError(RefinerError, ValueError):
@@ -273,6 +274,35 @@ def load_model(src: Union[str, Path, Source], model_name: Optional[str] = None, 
     info = {'source': source.description, 'model_name': name, 'model_args': args,
             'data_config': data_config, 'classes': source.classes, 'config': source.run_config}
     return model.to(device=device, dtype=dtype).eval(), info
+
+
+def load_or_create(model_name: Optional[str], checkpoint: Union[str, Path, Source, None] = None,
+                   img_size: Optional[int] = None, model_args: Optional[Dict[str, Any]] = None,
+                   pretrained: bool = False) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The one loader of the commands that take ``--model`` and ``--checkpoint`` (export, analysis; eval
+    and predict take a checkpoint only): :func:`load_model` for a checkpoint, else
+    ``create_model(model_name, img_size, pretrained=pretrained, **model_args)`` (random weights unless
+    ``pretrained``). Returns (model in eval mode, info) with the keys :func:`load_model` gives."""
+    model_args = dict(model_args or {})
+    if checkpoint is not None:
+        if model_args:
+            raise ModelError('model arguments apply to a model created by name only: a checkpoint fixes the '
+                             'architecture')
+        return load_model(checkpoint, model_name=model_name, img_size=img_size)
+    if not model_name:
+        raise ModelError('give --model NAME or --checkpoint PATH')
+    size = img_size if img_size is not None else model_args.pop('img_size', None)
+    try:
+        model = create_model(model_name, size, **({'pretrained': True} if pretrained else {}), **model_args)
+    except (RuntimeError, OSError) as e:
+        if not pretrained:
+            raise
+        raise ModelError(f'cannot load pretrained weights of {model_name}: {str(e).splitlines()[0]}') from None
+    args = {**model_args, **({'img_size': size} if size is not None else {})}
+    info = {'source': f'{model_name} ({"pretrained" if pretrained else "random"} weights)', 'model_name': model_name,
+            'model_args': args, 'data_config': resolve_data_config(model, None, size), 'classes': None,
+            'config': None}
+    return model.eval(), info
 
 
 def _carry_data_config(model: nn.Module, data_config: Dict[str, Any]) -> None:

@@ -5,7 +5,10 @@
 - :mod:`.attention_maps`: attention maps per block, the stages of their refinement, and their
   diversity across heads and blocks;
 - :mod:`.plots`: the figures;
-- :mod:`.commands`: ``refiner analyze {cka,attention}`` and ``refiner show-attention``.
+- :mod:`.inputs`: the models (loaded through :mod:`refiner.pretrained`), the held-out images, JSON out;
+- :mod:`.compute`: the analyses as functions of plain arguments (``block_cka``, ``attention_diversity``,
+  ``show_attention``);
+- :mod:`.commands`: ``refiner analyze {cka,attention}`` and ``refiner show-attention`` (arguments, printing).
 """
 from .attention_maps import (
     AttentionDiversity,
