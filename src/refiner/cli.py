@@ -193,6 +193,7 @@ def _predict(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------------------- ablate
 
 def _ablate_args(p: argparse.ArgumentParser) -> None:
+    from .ablate import BUILTINS
     p.add_argument('--study', metavar='NAME',
                    help='a shipped study (see --list-studies) or a YAML study file: its arms, base overrides, '
                         'fractions, seeds and epochs')
@@ -201,9 +202,9 @@ def _ablate_args(p: argparse.ArgumentParser) -> None:
                    help="an arm: a name and config overrides (YAML values; model_args.KEY sets one model "
                         "argument, model_args merge into the base's), e.g. r1:model_args.expansion_ratio=1; "
                         "repeatable, added to the study's arms")
-    p.add_argument('--models', nargs='+', choices=['refiner', 'vit', 'convstem_vit'],
-                   help='built-in arms: the base Refiner, a plain ViT of matched shape, the Refiner without '
-                        'refinement (default without --study or --arm: refiner vit)')
+    p.add_argument('--models', nargs='+', choices=list(BUILTINS),
+                   help='built-in arms: ' + ', '.join(f'{name} ({arm.description})' for name, arm in BUILTINS.items())
+                        + ' (default without --study or --arm: refiner vit)')
     p.add_argument('--data', help='dataset (default: the embedded digits; digits_clutter: harder, cluttered)')
     p.add_argument('--fractions', type=float, nargs='+', help="fractions of the training split (default: the "
                                                                "study's, else 0.05 0.1 0.25 1)")

@@ -1,0 +1,148 @@
+"""The results of an ablation: per arm and fraction the mean ± std over seeds, the table and the plot.
+
+Results (``<out>/``): ablation.md (the table: per arm its parameters, forward FLOPs per image,
+training images/s and the held-out top-1, mean ± std over seeds, for every fraction, with the
+difference from the reference arm and whether it lies within the seed spread), ablation.json
+(every per-seed value too) and ablation.png (top-1 against the number of training images).
+"""
+import json
+import math
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..bench import count_flops
+from ..checkpoint import RunFiles
+from ..fileio import atomic_write
+from .run_dirs import PlannedRun, read_record
+from .studies import Arm, Study
+
+__all__ = ['build_report', 'plot_ablation']
+
+
+def _run_flops(files: RunFiles) -> Optional[int]:
+    """The forward FLOPs per image of a finished run's model, built from what its weights record."""
+    from safetensors import safe_open
+
+    from ..pretrained import ModelError, create_model
+    try:
+        with safe_open(str(files.weights), 'pt') as f:
+            meta = f.metadata() or {}
+        args = json.loads(meta['model_args'])
+        size = json.loads(meta['data_config'])['input_size']
+        model = create_model(meta['model_name'], **args)
+    except (OSError, KeyError, ValueError, ModelError):
+        return None
+    return count_flops(model, int(size[-1]), int(size[0]))
+
+
+def _stats(values: List[float]) -> Dict[str, Any]:
+    arr = np.array(values, dtype=float)
+    return {'mean': float(arr.mean()), 'std': float(arr.std(ddof=1)) if len(arr) > 1 else None, 'n': len(arr)}
+
+
+def build_report(runs: List[PlannedRun], resolved: Dict[str, Dict[str, Any]], arms: Sequence[Arm], reference: str,
+            fractions: Sequence[float], seeds: Sequence[int], base_dict: Dict[str, Any],
+            st: Optional[Study]) -> Dict[str, Any]:
+    top1: Dict[str, Dict[str, List[float]]] = {a.name: {} for a in arms}
+    info: Dict[str, Dict[str, Any]] = {}
+    for run in runs:
+        summary = json.loads(run.files.summary.read_text())
+        f = f'{run.fraction:g}'
+        top1[run.arm].setdefault(f, []).append(summary['top1'])
+        entry = info.setdefault(run.arm, dict(model=summary['model'], params=summary['params'], flops=None,
+                                              **resolved[run.arm], train_images={}, runs={}))
+        if entry['flops'] is None:
+            entry['flops'] = _run_flops(run.files)
+        entry['train_images'][f] = summary['num_train']
+        entry['runs'].setdefault(f, []).append({
+            'seed': run.seed, 'run': str(run.files.root), 'top1': summary['top1'], 'top5': summary.get('top5'),
+            'ema_top1': summary.get('ema_top1'), 'epochs': summary.get('epochs'), 'steps': summary.get('steps'),
+            'batch_size': run.cfg.batch_size, 'num_train': summary['num_train'],
+            'images_per_s': summary.get('images_per_s'), 'train_time_s': summary.get('train_time_s'),
+            'reused_from': read_record(run.files.root).get('reused_from')})
+    for name, entry in info.items():
+        timed = [r for rs in entry['runs'].values() for r in rs if r['images_per_s'] and r['train_time_s']]
+        seconds = sum(r['train_time_s'] for r in timed)
+        # images over seconds, all the arm's runs together
+        entry['train_images_per_s'] = (sum(r['images_per_s'] * r['train_time_s'] for r in timed) / seconds
+                                       if seconds else None)
+        entry['train_time_s'] = seconds
+        entry['stats'] = {}
+        for f in (f'{x:g}' for x in fractions):
+            s = _stats(top1[name][f])
+            ref = _stats(top1[reference][f])
+            s['diff'] = None if name == reference else s['mean'] - ref['mean']
+            s['within_spread'] = None
+            if name != reference and s['std'] is not None and ref['std'] is not None:
+                s['within_spread'] = bool(abs(s['diff']) < max(s['std'], ref['std']))
+            entry['stats'][f] = s
+    data = base_dict.get('data') or 'digits'
+    report = {
+        'study': st.name if st else None, 'description': st.description if st else '', 'data': data,
+        'fractions': list(fractions), 'seeds': list(seeds), 'reference': reference, 'arms': [a.name for a in arms],
+        'models': info, 'top1': top1,
+    }
+    report['table'] = _table(report)
+    return report
+
+
+def _fmt_stat(s: Dict[str, Any]) -> str:
+    text = f'{s["mean"]:.2f} ± {s["std"]:.2f}' if s['std'] is not None else f'{s["mean"]:.2f}'
+    if s['diff'] is not None:
+        text += f' ({s["diff"]:+.2f}{", within spread" if s["within_spread"] else ""})'
+    return text
+
+
+def _table(report: Dict[str, Any]) -> str:
+    info, fractions, ref = report['models'], report['fractions'], report['reference']
+    flops = [m['flops'] for m in info.values() if m['flops']]
+    scale, unit = (1e9, 'GFLOPs') if flops and max(flops) >= 1e9 else (1e6, 'MFLOPs')
+    header = (f'| arm | params | {unit} | train img/s | train min | '
+              + ' | '.join(f'{f:g} of train' for f in fractions) + ' |')
+    lines = [header, '|' + ' --- |' * (len(fractions) + 5)]
+    for name in report['arms']:
+        m = info[name]
+        cells = [_fmt_stat(m['stats'][f'{f:g}']) for f in fractions]
+        fl = f'{m["flops"] / scale:.2f}' if m['flops'] else 'n/a'
+        ips = f'{m["train_images_per_s"]:.0f}' if m['train_images_per_s'] else 'n/a'
+        minutes = f'{m["train_time_s"] / 60:.0f}' if m['train_time_s'] else 'n/a'
+        lines.append(f'| {name} ({m["model"]}) | {m["params"] / 1e6:.3f}M | {fl} | {ips} | {minutes} | '
+                     + ' | '.join(cells) + ' |')
+    n = len(report['seeds'])
+    lines += ['', f'Held-out top-1 (%), mean ± std over {n} seed{"s" if n > 1 else ""}; in brackets the difference '
+                  f'of means from the reference arm {ref}, "within spread" when it is smaller than the larger of the '
+                  f'two standard deviations. {unit}: one image\'s forward pass; train img/s and train min (the '
+                  f'wall time of training): all the arm\'s runs together.']
+    return '\n'.join(lines)
+
+
+def plot_ablation(results: Dict[str, Dict[str, List[float]]], fractions: Sequence[float], info: Dict[str, Any],
+                  path: Path, data: str) -> Path:
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for model, by_fraction in results.items():
+        order = sorted(fractions, key=lambda f: info[model]['train_images'][f'{f:g}'])
+        xs = [info[model]['train_images'][f'{f:g}'] for f in order]
+        vals = [np.array(by_fraction[f'{f:g}']) for f in order]
+        mean = np.array([v.mean() for v in vals])
+        std = np.array([v.std(ddof=1) if len(v) > 1 else 0.0 for v in vals])
+        ax.plot(xs, mean, marker='o', label=f'{model} ({info[model]["params"] / 1e6:.2f}M params)')
+        ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
+    ax.set_xscale('log')
+    ax.set_xlabel('training images (log scale)')
+    ax.set_ylabel('held-out top-1 (%), mean ± std over seeds')
+    n_seeds = len(next(iter(next(iter(results.values())).values())))
+    ax.set_title(f'Data efficiency on {data}: same recipe, same images seen, {n_seeds} seeds')
+    ax.grid(True, which='both', alpha=0.3)
+    ax.legend(loc='lower right', fontsize='small')
+    lo = min(min(min(v) for v in r.values()) for r in results.values())
+    ax.set_ylim(max(0.0, math.floor(lo / 5) * 5 - 5), 100.5)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=120))
+    plt.close(fig)
+    return path
