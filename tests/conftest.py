@@ -3,6 +3,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+from safetensors.torch import load_file
+
+import refiner  # noqa: F401  (registers the models)
+from refiner.checkpoint import save_weights
+from refiner.config import TrainConfig, apply_overrides, load_recipe
+from refiner.train import train
 
 DATA = Path(__file__).parent / 'data'
 
@@ -35,3 +41,69 @@ def trained_scale(model):
         elif isinstance(m, torch.nn.Linear) and m.bias is not None:
             m.bias.data.normal_(0, .02)
     return model.eval()
+
+
+FINETUNE_NANO = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)  # a tiny Refiner-ViT on 16x16 digits
+
+
+def _finetune_cfg(**kw) -> TrainConfig:
+    """The default recipe, shortened; model=None: the architecture the finetune source names."""
+    base = dict(load_recipe('default'), epochs=1, batch_size=32, train_fraction=0.15, warmup_epochs=0,
+                ema=False, model_args=dict(FINETUNE_NANO))
+    if kw.get('model', '') is None:
+        base.update(model=None, model_args={})
+    return apply_overrides(base, kw)
+
+
+@pytest.fixture(scope='session')
+def pretrained_run(tmp_path_factory):
+    """A tiny Refiner-ViT trained on digits 0-4: the 'pretrained weights' of these tests."""
+    out = tmp_path_factory.mktemp('pre') / 'run'
+    train(_finetune_cfg(classes=[0, 1, 2, 3, 4], epochs=2, train_fraction=0.5), out=str(out), progress=False)
+    return out
+
+
+FINETUNE_VIT = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)  # a tiny timm ViT on 16x16 digits
+
+
+@pytest.fixture(scope='session')
+def vit_run(tmp_path_factory):
+    """A tiny timm ViT trained on all digits, and its weights as a bare timm state-dict file."""
+    root = tmp_path_factory.mktemp('vit')
+    summary = train(_finetune_cfg(model='vit_tiny_patch16_224', model_args=dict(FINETUNE_VIT), epochs=2,
+                                  train_fraction=0.3), out=str(root / 'run'), progress=False)
+    state = load_file(str(root / 'run' / 'model.safetensors'))
+    torch.save({'model': {f'module.{k}': v for k, v in state.items()}}, root / 'vit.pth')  # DeiT's layout
+    return root, summary
+
+
+NANO_CHECKPOINT = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3)
+
+
+NANO_DATA_CONFIG = dict(input_size=[3, 16, 16], mean=[0.5] * 3, std=[0.5] * 3, crop_pct=1.0, interpolation='bilinear')
+
+
+@pytest.fixture
+def nano_checkpoint(tmp_path):
+    """A tiny Refiner-ViT's weights file, as a run writes it: 16x16 inputs, three named classes."""
+    torch.manual_seed(0)
+    model = trained_scale(timm.create_model('refiner_vit_nano', **NANO_CHECKPOINT))
+    path = save_weights(model, tmp_path / 'model.safetensors', 'refiner_vit_nano', NANO_CHECKPOINT,
+                        extra={'data_config': NANO_DATA_CONFIG, 'classes': ['cat', 'dog', 'owl']})
+    return path, model
+
+
+LEARNING_ARGS = {'patch_size': 4, 'embed_dim': 32, 'depth': 2, 'num_heads': 2}
+
+
+def _learning_cfg(**overrides):
+    return apply_overrides(load_recipe('default'), dict(dict(model_args=dict(LEARNING_ARGS)), **overrides))
+
+
+@pytest.fixture(scope='session')
+def trained_run(tmp_path_factory):
+    """A tiny Refiner-ViT (one attention, one refining block) trained for 5 short epochs on the digits."""
+    out = tmp_path_factory.mktemp('learn') / 'run'
+    cfg = _learning_cfg(epochs=5, batch_size=32, warmup_epochs=0, lr=0.08, seed=0)
+    summary = train(cfg, out=str(out), progress=False)
+    return out, summary

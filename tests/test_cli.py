@@ -11,7 +11,10 @@ import json
 import os
 from pathlib import Path
 
-from refiner.cli import build_parser
+import pytest
+
+import refiner  # noqa: F401  (registers the models)
+from refiner.cli import build_parser, main
 
 GOLDEN = Path(__file__).parent / 'data' / 'cli.json'
 
@@ -71,7 +74,6 @@ def _project_errors():
     import inspect
     import pkgutil
 
-    import refiner
     found = {}
     for info in pkgutil.walk_packages(refiner.__path__, 'refiner.'):
         if info.name.endswith('__main__') or 'triton' in info.name:
@@ -110,3 +112,18 @@ def test_main_prints_a_project_error_as_one_sentence(monkeypatch, capsys):
     monkeypatch.setitem(cli.COMMANDS, 'eval', (cli.COMMANDS['eval'][0], fails, 'eval'))
     assert cli.main(['eval', '--checkpoint', 'x']) == 1
     assert capsys.readouterr().err == 'refiner eval: --data nowhere: no such folder\n'
+
+
+def test_version_and_no_progress_on_every_long_command(capsys):
+    """A first-hour trap (issue 22): ``--version`` says refiner's, timm's and torch's versions, and
+    every long command accepts ``--no-progress``."""
+    from refiner import __version__
+    from refiner.cli import build_parser
+    with pytest.raises(SystemExit) as exit_:
+        main(['--version'])
+    assert exit_.value.code == 0 and capsys.readouterr().out.startswith(f'refiner {__version__} (timm ')
+    parser = build_parser()
+    for argv in (['train'], ['eval', '--checkpoint', 'R'], ['predict', 'x.png', '--checkpoint', 'R'],
+                 ['analyze', 'cka', '--checkpoint', 'R'], ['analyze', 'attention', '--checkpoint', 'R'],
+                 ['ablate'], ['bench'], ['export', 'out.onnx', '--format', 'onnx']):
+        assert parser.parse_args([*argv, '--no-progress']).no_progress is True, argv

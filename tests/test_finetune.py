@@ -1,5 +1,5 @@
-"""Transfer learning end to end: fine-tuning from every kind of weight source, retrofitting a timm
-ViT, linear probing, layer decay, prediction, Hub model folders, and the one-sentence refusals."""
+"""Fine-tuning end to end: from every kind of weight source, retrofitting a timm ViT, linear probing,
+layer decay, the learning rate and input size a fine-tune derives, resuming, and the one-sentence refusals."""
 import json
 import pickle
 
@@ -17,35 +17,6 @@ from refiner.pretrained import load_model, read_source
 from refiner.train import train
 
 NANO = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)  # a tiny Refiner-ViT on 16x16 digits
-VIT = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)  # a tiny timm ViT on 16x16 digits
-
-
-def _cfg(**kw) -> TrainConfig:
-    """The default recipe, shortened; model=None: the architecture the finetune source names."""
-    base = dict(load_recipe('default'), epochs=1, batch_size=32, train_fraction=0.15, warmup_epochs=0,
-                ema=False, model_args=dict(NANO))
-    if kw.get('model', '') is None:
-        base.update(model=None, model_args={})
-    return apply_overrides(base, kw)
-
-
-@pytest.fixture(scope='module')
-def pretrained_run(tmp_path_factory):
-    """A tiny Refiner-ViT trained on digits 0-4: the 'pretrained weights' of these tests."""
-    out = tmp_path_factory.mktemp('pre') / 'run'
-    train(_cfg(classes=[0, 1, 2, 3, 4], epochs=2, train_fraction=0.5), out=str(out), progress=False)
-    return out
-
-
-@pytest.fixture(scope='module')
-def vit_run(tmp_path_factory):
-    """A tiny timm ViT trained on all digits, and its weights as a bare timm state-dict file."""
-    root = tmp_path_factory.mktemp('vit')
-    summary = train(_cfg(model='vit_tiny_patch16_224', model_args=dict(VIT), epochs=2, train_fraction=0.3),
-                    out=str(root / 'run'), progress=False)
-    state = load_file(str(root / 'run' / 'model.safetensors'))
-    torch.save({'model': {f'module.{k}': v for k, v in state.items()}}, root / 'vit.pth')  # DeiT's layout
-    return root, summary
 
 
 def _metrics(run):
@@ -77,6 +48,15 @@ def test_finetune_on_other_classes_records_the_start_and_reinitialises_the_head(
     assert not torch.equal(model.head.weight, src['head.weight'])
 
 
+def _cfg(**kw) -> TrainConfig:
+    """The default recipe, shortened; model=None: the architecture the finetune source names."""
+    base = dict(load_recipe('default'), epochs=1, batch_size=32, train_fraction=0.15, warmup_epochs=0,
+                ema=False, model_args=dict(NANO))
+    if kw.get('model', '') is None:
+        base.update(model=None, model_args={})
+    return apply_overrides(base, kw)
+
+
 def test_finetune_an_original_checkpoint_at_new_classes_and_resolution(official, tmp_path):
     """The authors' layout (nested, module. prefixes), 10 ImageNet-like classes at 64px, fine-tuned
     on 5 digit classes at 32px: head re-initialised, pos_embed resampled, the rest loaded."""
@@ -98,6 +78,9 @@ def test_finetune_an_original_checkpoint_at_new_classes_and_resolution(official,
     assert 're-initialised' not in report and 'resampled' not in report
     torch.testing.assert_close(model.eval()(official['official_tiny']['input']), official['official_tiny']['logits'],
                                rtol=1e-4, atol=1e-5)
+
+
+VIT = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)  # a tiny timm ViT on 16x16 digits
 
 
 def test_deit_plus_refiner_starts_as_its_source_and_reloads_without_repeating_refine(vit_run, tmp_path, capsys):
@@ -198,28 +181,6 @@ def test_a_token_labeling_head_follows_the_recipe(official, tmp_path):
     assert model.aux_head is None and summary['epochs'] == 1
 
 
-def test_the_learning_rate_follows_timms_scaling_rule():
-    """lr is given for lr_base_size images: adaptive optimizers scale it by the square root of the batch
-    ratio (timm's rule), the others linearly; lr_base_scale overrides it; the from-scratch recipes keep
-    the linear rule they were tuned with."""
-    from refiner.config import ConfigError, lr_scale_rule, scaled_lr
-    rules = [lr_scale_rule(o) for o in ('adamw', 'AdamW', 'nadam', 'lamb', 'adafactor', 'sgd', 'momentum')]
-    assert rules == ['sqrt'] * 5 + ['linear'] * 2
-    cfg = apply_overrides(load_recipe('finetune'), dict(batch_size=8))
-    lr, rule, line = scaled_lr(cfg, 8)
-    assert rule == 'sqrt' and lr == pytest.approx(cfg.lr * (8 / 512) ** 0.5)
-    assert line.startswith(f'learning rate {lr:.3g} = lr {cfg.lr:.3g} (for a batch of 512) x sqrt(8/512)')
-    assert "sqrt scaling (timm's rule for adamw; lr_base_scale overrides it)" in line
-    lr, rule, line = scaled_lr(apply_overrides(load_recipe('finetune'), dict(lr_base_scale='linear')), 8)
-    assert rule == 'linear' and lr == pytest.approx(cfg.lr * 8 / 512) and 'x 8/512' in line
-    assert 'linear scaling (set by lr_base_scale)' in line
-    assert scaled_lr(apply_overrides({}, dict(opt='sgd')), 1024)[0] == pytest.approx(2 * TrainConfig.lr)
-    for name in ('default', 'refiner_s', 'refiner_m_tl', 'refiner_l_384'):
-        assert load_recipe(name)['lr_base_scale'] == 'linear', name
-    with pytest.raises(ConfigError, match='lr_base_scale'):
-        apply_overrides({}, dict(lr_base_scale='cube'))
-
-
 def test_a_finetune_run_says_its_learning_rate_and_input_size(pretrained_run, tmp_path, capsys):
     """The run's first lines: the learning rate and how it was derived, then the load report with the
     input size and where it came from; config.yaml records the rule, so that a resume scales alike."""
@@ -250,16 +211,6 @@ def test_min_steps_raises_the_epochs_of_a_small_dataset():
     raised, line = _epochs_for_min_steps(cfg, 8)  # 135 images at batch 16
     assert raised.epochs == 63 and line.startswith('epochs: 63, not 30: min_steps 500 optimizer steps at 8 per epoch')
     assert _epochs_for_min_steps(apply_overrides(load_recipe('default'), {}), 1)[1] is None  # min_steps 0
-
-
-def test_zero_head_starts_a_reinitialised_head_at_zero(pretrained_run):
-    model = timm.create_model('refiner_vit_nano', num_classes=3, img_size=16, **NANO)
-    report = refiner.pretrained.load_pretrained_weights(model, read_source(pretrained_run), 'refiner_vit_nano',
-                                                        classes=['a', 'b', 'c'], zero_heads=True)
-    assert 're-initialised head (other classes, 5 -> 3 classes, zeros)' in report
-    assert not model.head.weight.any() and not model.head.bias.any()
-    assert torch.equal(model.pos_embed, read_source(pretrained_run).state_dict['pos_embed'])  # the rest: loaded
-    assert load_recipe('finetune')['zero_head'] and load_recipe('finetune')['augment_from_source']
 
 
 def test_augmentation_and_lr_come_from_a_source_run_only_when_asked(pretrained_run):
@@ -293,93 +244,9 @@ def test_without_a_size_of_its_own_a_finetune_keeps_the_sources_and_says_so(pret
         32, 'img_size of the recipe or --img-size')
 
 
-def test_finetune_drops_the_recipes_model_arguments():
-    """The default recipe's patch_size 4 is for its own model, not for the weights' architecture."""
-    from refiner.cli import _train_config, build_parser
-    cfg = _train_config(build_parser().parse_args(['train', '--model', 'vit_tiny_patch16_224', '--finetune', 'x.pth',
-                                                   '--refine', 'all']))
-    assert (cfg.model, cfg.model_args, cfg.refine) == ('vit_tiny_patch16_224', {}, 'all')
-    cfg = _train_config(build_parser().parse_args(['train', '--finetune', 'x.pth']))
-    assert (cfg.model, cfg.model_args) == (None, {})
-    cfg = _train_config(build_parser().parse_args(['train', '--model', 'vit_tiny_patch16_224']))  # from scratch
-    assert cfg.model_args == {'patch_size': 4}
-
-
 def test_epochs_counts_the_cooldown(tmp_path):
     summary = train(_cfg(epochs=2, cooldown_epochs=10), out=str(tmp_path / 'r'), progress=False)
     assert summary['epochs'] == 2 and len(_metrics(tmp_path / 'r')) == 2
-
-
-def _image_folder(tmp_path):
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    folder = tmp_path / 'images' / 'nested'
-    folder.mkdir(parents=True)
-    for i in range(6):
-        Image.fromarray((digits.images[i] * 15).astype('uint8')).save(folder / f'{i}_{digits.target[i]}.png')
-    (folder / 'broken.png').write_bytes(b'not an image at all')
-    (folder / 'notes.txt').write_text('ignored: not an image extension')
-    return tmp_path / 'images'
-
-
-def test_predict_a_folder_with_a_bad_file(pretrained_run, tmp_path, capsys):
-    images = _image_folder(tmp_path)
-    code = main(['predict', str(images), '--checkpoint', str(pretrained_run), '--topk', '3',
-                 '--json', str(tmp_path / 'p.json'), '--csv', str(tmp_path / 'p.csv'), '--no-progress'])
-    assert code == 0
-    assert '6 image(s) classified' in capsys.readouterr().out
-    res = json.loads((tmp_path / 'p.json').read_text())
-    assert res['skipped'] == [str(images / 'nested' / 'broken.png')] and len(res['predictions']) == 6
-    assert res['classes'] == ['0', '1', '2', '3', '4']
-    # the same numbers as the model on the run's eval transform
-    model, info = load_model(pretrained_run)
-    tf = refiner.data.eval_transform(info['data_config'])
-    first = res['predictions'][0]
-    x = tf(refiner.data.load_rgb(first['file']))[None]
-    probs = model(x).softmax(-1)[0]
-    assert first['indices'] == probs.topk(3).indices.tolist()
-    assert first['probs'] == pytest.approx(probs.topk(3).values.tolist(), rel=1e-5)
-    rows = (tmp_path / 'p.csv').read_text().splitlines()
-    assert rows[0] == 'file,label1,prob1,label2,prob2,label3,prob3' and len(rows) == 7
-
-
-def test_predict_names_imagenet_classes_for_a_1000_class_model():
-    from refiner.predict import class_names
-    names = class_names(1000, None)
-    assert len(names) == 1000 and names[0].startswith('tench')
-
-
-def test_hub_folder_round_trip_and_finetune_from_it(pretrained_run, vit_run, tmp_path):
-    for src, name in ((pretrained_run, 'nano'), (vit_run[0] / 'run', 'vit')):
-        out = tmp_path / f'hf_{name}'
-        assert main(['export', str(out), '--format', 'hf', '--checkpoint', str(src)]) == 0
-        assert (out / 'config.json').is_file() and (out / 'model.safetensors').is_file()
-        loaded = timm.create_model(f'local-dir:{out}', pretrained=True).eval()
-        model, info = load_model(src)
-        x = torch.randn(2, 3, 16, 16)
-        assert torch.equal(loaded(x), model(x))
-        assert json.loads((out / 'config.json').read_text())['pretrained_cfg']['mean'] == [0.5, 0.5, 0.5]
-    # at another input size: position embeddings resampled, and the folder says so
-    assert main(['export', str(tmp_path / 'hf32'), '--format', 'hf', '--checkpoint', str(pretrained_run),
-                 '--img-size', '32']) == 0
-    assert timm.create_model(f'local-dir:{tmp_path / "hf32"}', pretrained=True).pos_embed.shape[1] == 65
-    # a refined timm ViT as a Hub folder
-    refined = timm.create_model('refined_vit', base_model='vit_tiny_patch16_224', refine_blocks=[1], img_size=16,
-                                num_classes=3, **VIT).eval()
-    for p in refined.parameters():
-        p.data.normal_(0, 0.2)
-    from refiner.export import export_hf
-    from refiner.pretrained import resolve_data_config
-    export_hf(refined, str(tmp_path / 'hf_refined'), {'data_config': resolve_data_config(refined),
-                                                      'model_args': refined._model_args})
-    again = timm.create_model(f'local-dir:{tmp_path / "hf_refined"}', pretrained=True).eval()
-    x = torch.randn(2, 3, 16, 16)
-    assert again.refined_blocks == [1] and torch.equal(again(x), refined(x))
-    # fine-tune from the folder: its config names the architecture
-    summary = train(_cfg(model=None, finetune=str(tmp_path / 'hf_nano'), classes=[5, 6, 7]),
-                    out=str(tmp_path / 'ft'), progress=False)
-    assert summary['epochs'] == 1
-    assert read_source(tmp_path / 'hf_nano').kind == 'hub'
 
 
 def _one_line_error(capsys, argv, *fragments):

@@ -1,9 +1,12 @@
 """refine_vit turns chosen blocks of a timm ViT into refined attention ("DeiT + refiner")."""
+import json
+
 import pytest
 import timm
 import torch
 
-import refiner
+import refiner  # noqa: F401  (registers the models)
+from refiner.cli import main
 from refiner.retrofit import RefinedTimmAttention
 
 
@@ -74,3 +77,37 @@ def test_retrofit_errors():
     model = refiner.refine_vit(_vit(), blocks=[0])
     with pytest.raises(ValueError, match='attention masks'):
         model.blocks[0].attn(torch.randn(1, 17, 192), attn_mask=torch.ones(17, 17, dtype=torch.bool))
+
+
+VIT = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)  # a tiny timm ViT
+
+
+def test_deit_plus_refiner_readme_command_without_img_size(tmp_path, capsys):
+    """README's ``refiner train --model deit_small_patch16_224 --finetune X.safetensors --refine all
+    --data DIR``, at a tiny scale: no --img-size, so the input size is the base model's (224)."""
+    from safetensors.torch import save_file
+    from timm.data import resolve_data_config
+    torch.manual_seed(0)
+    source = timm.create_model('vit_tiny_patch16_224', num_classes=1000, **dict(VIT, patch_size=32))
+    save_file(source.state_dict(), str(tmp_path / 'vit.safetensors'))
+    data = tmp_path / 'data'
+    for split, n in (('train', 3), ('val', 1)):
+        for c in ('a', 'b'):
+            (data / split / c).mkdir(parents=True)
+            for i in range(n):
+                _random_image(data / split / c / f'{i}.png')
+    out = tmp_path / 'run'
+    assert main(['train', '--model', 'vit_tiny_patch16_224', '--finetune', str(tmp_path / 'vit.safetensors'),
+                 '--refine', 'all', '--data', str(data), '--set', f'model_args={json.dumps(dict(VIT, patch_size=32))}',
+                 '--epochs', '1', '--batch-size', '2', '--out', str(out), '--no-progress']) == 0
+    assert 'refinement added to blocks [0, 1]' in capsys.readouterr().out
+    assert timm.models.get_pretrained_cfg_value('refined_vit', 'input_size') == (3, 224, 224)
+    assert resolve_data_config(model=timm.create_model('refined_vit'))['input_size'] == (3, 224, 224)
+    from refiner.pretrained import load_model
+    model, info = load_model(out)
+    assert info['data_config']['input_size'] == (3, 224, 224) and model.refined_blocks == [0, 1]
+
+
+def _random_image(path):
+    from PIL import Image
+    Image.fromarray(torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8).numpy()).save(path)

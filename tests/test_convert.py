@@ -1,4 +1,4 @@
-"""Files that are not Refiner checkpoints get an error that names the problem."""
+"""refiner.convert: files that are not Refiner checkpoints get an error that names the problem."""
 import pickle
 
 import pytest
@@ -9,13 +9,13 @@ import refiner
 from refiner import CheckpointError
 
 
-def _sd(official):
-    return dict(official['official_tiny']['state_dict'])
-
-
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match='no such checkpoint file'):
         refiner.load_official(tmp_path / 'nope.pth')
+
+
+def _sd(official):
+    return dict(official['official_tiny']['state_dict'])
 
 
 def test_truncated_file(official, tmp_path):
