@@ -1,3 +1,4 @@
+"""``python -m refiner``: the ``refiner`` command."""
 import sys
 
 from .cli import main
