@@ -384,3 +384,33 @@ def test_flops_count_is_plausible_and_kernel_independent():
     for block in vit.blocks:
         block.attn.fused_attn = False
     assert count_flops(vit, 32) == fused
+
+
+def test_reuse_copies_each_run_from_its_own_seed_and_fraction_summary_last(tmp_path, capsys, monkeypatch):
+    """With two seeds and two fractions, each run is copied from the run of the same seed and fraction
+    (a record without them would copy seed 0 into seed 1 unnoticed), every copy writing its summary last
+    (a copy killed after its first file must not count as finished); and an arm redefined with key=null
+    is refused like any other change."""
+    import refiner.ablate.run_dirs as run_dirs
+    first, second = tmp_path / 'first', tmp_path / 'second'
+    tiny = [*TINY, '--set', 'model_args.depth=2', '--fractions', '0.5', '1', '--seeds', '0', '1']
+    code, _, err = _ablate(capsys, '--out', first, *tiny, '--arm', 'r3:model_args.expansion_ratio=3')
+    assert code == 0, err
+    written = []
+    original = run_dirs.atomic_write
+    monkeypatch.setattr(run_dirs, 'atomic_write', lambda path, write: written.append(path) or original(path, write))
+    code, _, err = _ablate(capsys, '--out', second, *tiny, '--arm', 'released', '--reuse', first)
+    assert code == 0, err
+    for fraction in ('0.5', '1'):
+        for seed in (0, 1):
+            copy = second / f'released-f{fraction}-s{seed}'
+            record = json.loads((copy / 'ablation_arm.json').read_text())
+            assert record['reused_from'] == str(first / f'r3-f{fraction}-s{seed}')
+            assert (record['fraction'], record['seed']) == (float(fraction), seed)
+            assert (copy / 'model.safetensors').read_bytes() == (first / f'r3-f{fraction}-s{seed}' /
+                                                                 'model.safetensors').read_bytes()
+            names = [p.name for p in written if p.parent == copy]
+            assert len(names) >= 4 and names[-1] == 'summary.json', names
+    monkeypatch.undo()
+    code, _, err = _ablate(capsys, '--out', first, *tiny, '--arm', 'r3:model_args.expansion_ratio=3,mean=null')
+    assert code == 2 and 'r3-f' in err and 'mean' in err and 'another definition' in err

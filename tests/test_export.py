@@ -1,5 +1,6 @@
 """refiner export: ONNX, TorchScript and Hub model folders round-trip, through the library and the command line."""
 import copy
+import json
 import subprocess
 import sys
 
@@ -184,3 +185,42 @@ def test_onnx_height_and_width_are_dynamic_where_the_model_allows(tmp_path, nano
     with pytest.raises(InvalidArgument, match='Got invalid dimensions'):
         ort.InferenceSession(str(fixed), providers=['CPUExecutionProvider']).run(
             None, {'images': torch.randn(1, 3, 32, 32).numpy()})
+
+
+def test_a_timm_vit_with_dynamic_img_size_exports_any_height_and_width(tmp_path):
+    """timm keeps dynamic_img_size on the model, not on patch_embed: such a ViT's ONNX file takes any
+    multiple of the patch size, as the docstring of input_stride says."""
+    from refiner.export import check_onnx, export_onnx, input_stride, onnx_input_shape
+    vit = timm.create_model('vit_tiny_patch16_224', dynamic_img_size=True, img_size=16, num_classes=3, **VIT).eval()
+    assert input_stride(vit) == VIT['patch_size']
+    path = export_onnx(vit, str(tmp_path / 'dynamic.onnx'), img_size=16)
+    assert [isinstance(d, int) for d in onnx_input_shape(path)] == [False, True, False, False]
+    errs = check_onnx(path, vit, 16)
+    assert set(errs) >= {1, 3, '32x32', f'16x{16 + VIT["patch_size"]}'} and max(errs.values()) <= 1e-4
+
+
+def test_an_hf_export_with_a_pretrained_cfg_in_its_model_arguments_loads_in_timm(tmp_path, nano_checkpoint):
+    """A model built with pretrained_cfg among its arguments (as timm records it) still exports to a
+    folder that timm.create_model('local-dir:...') loads as the same model."""
+    from refiner.export import check_hf, export_hf
+    from refiner.pretrained import load_model
+    model, info = load_model(nano_checkpoint[0])
+    info = dict(info, model_args={**info['model_args'], 'pretrained_cfg': dict(model.pretrained_cfg)})
+    out = export_hf(model, str(tmp_path / 'hub'), info)
+    assert 'pretrained_cfg' not in json.loads((out / 'config.json').read_text()).get('model_args', {})
+    assert max(check_hf(out, model, 16).values()) <= 1e-5
+
+
+def test_an_hf_export_removes_what_a_killed_one_left(tmp_path, nano_checkpoint):
+    """A killed export leaves its hidden temporary folder; the next export to that folder removes it, but
+    not one that a live export holds."""
+    from refiner.export import export_hf
+    from refiner.fileio import held_temp_dir, make_temp_dir
+    from refiner.pretrained import load_model
+    model, info = load_model(nano_checkpoint[0])
+    abandoned = make_temp_dir(tmp_path, 'hub')  # as a SIGKILL leaves it: nobody holds it
+    (abandoned / 'model.safetensors').write_bytes(b'half')
+    with held_temp_dir(tmp_path, 'hub') as live:  # another export, still writing
+        export_hf(model, str(tmp_path / 'hub'), info)
+        assert not abandoned.exists() and live.is_dir()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith('.hub.')) == [live.name]

@@ -79,3 +79,19 @@ def test_predict_names_what_it_skipped_and_ignored_and_fails_on_nothing(tmp_path
     (folder / 'broken.png').unlink()
     assert main(['predict', str(folder), '--checkpoint', ckpt, '--no-progress']) == 1
     assert f'1 non-image file(s) ({folder / "notes.txt"}) ignored' in capsys.readouterr().err
+
+
+def test_predict_names_every_one_of_five_ignored_files_and_counts_the_rest(tmp_path, nano_checkpoint, capsys):
+    """Up to five ignored files are all named; a sixth is counted, not named."""
+    folder = tmp_path / 'photos'
+    folder.mkdir()
+    _random_image(folder / 'good.png')
+    notes = [folder / f'note{i}.txt' for i in range(5)]
+    for note in notes:
+        note.write_text('not an image')
+    assert main(['predict', str(folder), '--checkpoint', str(nano_checkpoint[0]), '--no-progress']) == 0
+    out = capsys.readouterr().out
+    assert f'5 non-image file(s) ({", ".join(map(str, notes))}) ignored' in out and 'more' not in out
+    (folder / 'note5.txt').write_text('not an image')
+    assert main(['predict', str(folder), '--checkpoint', str(nano_checkpoint[0]), '--no-progress']) == 0
+    assert f'6 non-image file(s) ({", ".join(map(str, notes))}, ... 1 more) ignored' in capsys.readouterr().out

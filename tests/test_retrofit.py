@@ -111,3 +111,20 @@ def test_deit_plus_refiner_readme_command_without_img_size(tmp_path, capsys):
 def _random_image(path):
     from PIL import Image
     Image.fromarray(torch.randint(0, 256, (40, 40, 3), dtype=torch.uint8).numpy()).save(path)
+
+
+def test_refined_vit_never_loads_its_bases_unrefined_weights(monkeypatch):
+    """refined_vit keeps its base's preprocessing but not where the base's weights are: pretrained=True
+    without weights of its own refuses (it would fetch the unrefined base), with a file it loads that."""
+    import refiner.retrofit as retrofit
+    loaded = []
+    monkeypatch.setattr(retrofit, 'load_pretrained', lambda model, pretrained_cfg=None, **kw: loaded.append(
+        pretrained_cfg))
+    small = dict(base_model='deit_tiny_patch16_224', img_size=32, patch_size=8, depth=2, num_classes=5)
+    model = timm.create_model('refined_vit', **small)
+    assert not any(model.pretrained_cfg.get(k) for k in ('url', 'hf_hub_id', 'file'))
+    assert model.pretrained_cfg['mean'] == timm.create_model('deit_tiny_patch16_224').pretrained_cfg['mean']
+    with pytest.raises(ValueError, match='no published weights'):
+        timm.create_model('refined_vit', pretrained=True, **small)
+    timm.create_model('refined_vit', pretrained=True, pretrained_cfg_overlay=dict(file='w.safetensors'), **small)
+    assert [(c.get('file'), c.get('hf_hub_id')) for c in loaded] == [('w.safetensors', None)]

@@ -45,7 +45,8 @@ def input_stride(model: torch.nn.Module) -> Optional[int]:
     from .models.refiner_vit import RefinerViT
     pe = getattr(model, 'patch_embed', None)
     patch = getattr(pe, 'patch_size', None)
-    if patch is None or not (isinstance(model, RefinerViT) or getattr(pe, 'dynamic_img_size', False)):
+    dynamic = getattr(model, 'dynamic_img_size', False) or getattr(pe, 'dynamic_img_size', False)  # timm: the model's
+    if patch is None or not (isinstance(model, RefinerViT) or dynamic):
         return None
     if any(isinstance(m, DistributedLocalAttention) and m.refine_layout != 'raster' for m in model.modules()):
         return None
@@ -151,13 +152,14 @@ def export_hf(model: torch.nn.Module, out_dir: str, info: Dict[str, Any]) -> Pat
     load after ``import refiner`` (both build the model by name through timm's registry); its
     ``label_names`` are the classes, when ``info`` has them.
 
-    The folder is written beside the target and renamed into place, so a failure leaves no partial folder.
+    The folder is written beside the target and renamed into place, so a failure leaves no partial folder;
+    what an export killed outright (SIGKILL) left there is removed by the next export to the same folder.
     """
     import shutil
 
     from timm.models import save_for_hf
 
-    from .fileio import apply_umask, make_temp_dir
+    from .fileio import apply_umask, held_temp_dir, remove_abandoned_temp_dirs
     from .pretrained import DATA_CONFIG_KEYS
 
     out = Path(out_dir)
@@ -171,20 +173,21 @@ def export_hf(model: torch.nn.Module, out_dir: str, info: Dict[str, Any]) -> Pat
     args = {k: v for k, v in (info.get('model_args') or {}).items()  # what rebuilds it, not how it trained
             if k != 'pretrained_cfg' and not (k.startswith('drop') or k.endswith('drop_rate'))}
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = make_temp_dir(out.parent, out.name)
-    try:
-        save_for_hf(model, str(tmp), model_config=model_config, model_args=args, safe_serialization=True,
-                    data_config=data_config)
-        _class_count_once(tmp / 'config.json')
-        apply_umask(tmp)
-        if out.exists():
-            out.rmdir()
-        tmp.rename(out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, (ValueError, TypeError, AssertionError)):
-            raise ExportError(f'cannot write a model folder: {str(e).splitlines()[0]}') from None
-        raise
+    remove_abandoned_temp_dirs(out.parent, out.name)  # what an export killed midway left
+    with held_temp_dir(out.parent, out.name) as tmp:
+        try:
+            save_for_hf(model, str(tmp), model_config=model_config, model_args=args, safe_serialization=True,
+                        data_config=data_config)
+            _class_count_once(tmp / 'config.json')
+            apply_umask(tmp)
+            if out.exists():
+                out.rmdir()
+            tmp.rename(out)
+        except BaseException as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(e, (ValueError, TypeError, AssertionError)):
+                raise ExportError(f'cannot write a model folder: {str(e).splitlines()[0]}') from None
+            raise
     return out
 
 

@@ -5,8 +5,11 @@ outright (SIGKILL) runs no cleanup and leaves its temporary behind: :func:`remov
 What is renamed into place gets the permissions that ``open()`` / ``mkdir`` would give under the
 current umask: ``tempfile`` (and safetensors' own writer) make files private, 0600 / 0700.
 
-:func:`exclusive_lock`: one process at a time, with no stale lock after a kill."""
+:func:`exclusive_lock`: one process at a time, with no stale lock after a kill. A folder written
+whole and renamed into place (:func:`held_temp_dir`) is locked by its writer while it is filled, so
+that :func:`remove_abandoned_temp_dirs` removes only those a killed writer left."""
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,7 +21,7 @@ except ImportError:  # Windows
     fcntl = None
 
 __all__ = ['apply_umask', 'atomic_write', 'atomic_write_text', 'exclusive_lock', 'make_temp_dir',
-           'remove_temporaries']
+           'remove_temporaries', 'held_temp_dir', 'remove_abandoned_temp_dirs']
 
 _TMP_PREFIX, _TMP_SUFFIX = '.', '.tmp'  # a temporary is '.NAME.RANDOM.tmp' beside NAME
 
@@ -123,3 +126,38 @@ def exclusive_lock(path: Union[str, os.PathLike], wait: bool = False) -> Iterato
         yield True  # closing the file releases the lock
     finally:
         os.close(fd)
+
+
+@contextmanager
+def held_temp_dir(parent: Union[str, os.PathLike], name: str) -> Iterator[Path]:
+    """:func:`make_temp_dir`, locked (``flock`` on the folder itself, no file added) until the block
+    ends, renamed into place or not: :func:`remove_abandoned_temp_dirs` leaves it alone meanwhile."""
+    path = make_temp_dir(parent, name)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield path
+    finally:
+        os.close(fd)
+
+
+def remove_abandoned_temp_dirs(parent: Union[str, os.PathLike], name: str) -> int:
+    """Remove the temporary folders for ``name`` in ``parent`` that killed writers left (those that no
+    live process holds, see :func:`held_temp_dir`); nothing where there is no ``flock``. Returns how many."""
+    if fcntl is None:
+        return 0
+    removed = 0
+    for path in Path(parent).glob(f'.{name}.*'):
+        if not path.is_dir() or path.is_symlink():
+            continue
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            continue  # being written
+        finally:
+            os.close(fd)
+        shutil.rmtree(path, ignore_errors=True)
+        removed += 1
+    return removed

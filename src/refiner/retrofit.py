@@ -124,6 +124,8 @@ def refine_vit(
 # the registered pretrained cfg of `refined_vit` (no weights): its default base model's, DeiT-S's, as
 # timm's resolve_data_config and get_pretrained_cfg_value expect of every model; a model built from
 # another base carries that base's cfg
+_WEIGHT_LOCATIONS = ('url', 'file', 'state_dict', 'hf_hub_id', 'hf_hub_filename')  # pretrained_cfg keys
+
 default_cfgs = generate_default_cfgs({'refined_vit': dict(
     num_classes=1000, input_size=(3, 224, 224), pool_size=None, crop_pct=0.875, interpolation='bicubic',
     fixed_input_size=True, mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD, first_conv='patch_embed.proj',
@@ -150,10 +152,13 @@ def refined_vit(pretrained: bool = False, base_model: str = 'deit_small_patch16_
     model = timm.create_model(base_model, **kwargs)
     refine_vit(model, refine_blocks, refine_mode=refine_mode, expansion_ratio=expansion_ratio,
                refine_kernel_size=refine_kernel_size, refine_layout=refine_layout)
-    cfg = dict(model.pretrained_cfg)
-    cfg.pop('refiner', None)
+    # the base's preprocessing, not where its weights are: they are not these (unrefined) weights
+    cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in _WEIGHT_LOCATIONS and k != 'refiner'}
     cfg.update(pretrained_cfg or {}, **(pretrained_cfg_overlay or {}))
     cfg['architecture'] = 'refined_vit'
+    if pretrained and not any(cfg.get(k) for k in _WEIGHT_LOCATIONS):
+        raise ValueError("refined_vit has no published weights: give pretrained_cfg_overlay=dict(file=...), or "
+                         "load a folder written by refiner export --format hf with timm.create_model('local-dir:DIR')")
     model.pretrained_cfg = model.default_cfg = cfg
     # what create_model records to rebuild the model (timm's save_for_hf writes it as model_args)
     model._model_args = dict(getattr(model, '_model_args', {}), base_model=base_model,

@@ -28,8 +28,8 @@ from ..config import DEFAULT_MODEL, TrainConfig, complete_saved_config
 from ..fileio import atomic_write, atomic_write_text
 from .studies import AblationError
 
-__all__ = ['RECORD', 'LOCK', 'PlannedRun', 'comparable', 'check_existing', 'read_record', 'trains_as', 'Equivalents',
-           'copy_run']
+__all__ = ['RECORD', 'LOCK', 'PlannedRun', 'comparable', 'with_defaults', 'check_existing', 'read_record', 'trains_as',
+           'Equivalents', 'copy_run']
 
 RECORD = 'ablation_arm.json'  # in every run directory: the arm and the config it trains with
 LOCK = '.ablate.lock'  # in every run directory and the output folder: held while one invocation writes there
@@ -56,16 +56,23 @@ def comparable(cfg: Dict[str, Any]) -> Dict[str, Any]:
     return json.loads(json.dumps({k: v for k, v in cfg.items() if k not in _IGNORED}))
 
 
+def with_defaults(config: Dict[str, Any]) -> Dict[str, Any]:
+    """A recorded config as it trains today: completed as a resume completes it, and a key added to
+    :class:`~refiner.config.TrainConfig` after the run was recorded at its default (the one rule for both
+    :func:`check_existing` and :func:`trains_as`)."""
+    return {**comparable(TrainConfig().to_dict()), **complete_saved_config(comparable(config))}
+
+
 def _differences(saved: Dict[str, Any], expected: Dict[str, Any], lenient: bool) -> List[str]:
     """Keys whose values differ, as 'key: the run has X, the arm gives Y'. ``lenient`` (a
     config.yaml): a value the arm leaves unset (None) may have been resolved by the run."""
-    out, defaults = [], comparable(TrainConfig().to_dict())
+    out = []
     for key in sorted(set(saved) | set(expected)):
         if key in _IGNORED:
             continue
         want, have = expected.get(key), saved.get(key)
-        if (lenient and want is None) or (key not in saved and want == defaults.get(key)):
-            continue  # resolved by the run; or a key added to TrainConfig since, at its default
+        if lenient and want is None:
+            continue  # resolved by the run
         if isinstance(want, dict) and isinstance(have, dict):
             for sub in sorted(set(want) | set(have)):
                 if want.get(sub) != have.get(sub):
@@ -90,7 +97,7 @@ def check_existing(run: PlannedRun) -> None:
     else:
         raise AblationError(f'{run.files.root} holds a summary.json but no config.yaml: not a run of this ablation; '
                             f'remove it or choose another --out')
-    diffs = _differences(complete_saved_config(saved), run.record['config'], lenient)
+    diffs = _differences(with_defaults(saved), run.record['config'], lenient)
     if diffs:
         more = f' and {len(diffs) - 3} more' if len(diffs) > 3 else ''
         raise AblationError(
@@ -111,9 +118,9 @@ def trains_as(config: Dict[str, Any]) -> Dict[str, Any]:
     """What decides a run's results: its config less the settings that do not change them, with
     ``model_args`` replaced by every argument the model is built with, so that an arm giving a
     default explicitly (``expansion_ratio: 3``) trains as one that leaves it unset. A key added to
-    :class:`~refiner.config.TrainConfig` after the run was recorded counts at its default."""
+    :class:`~refiner.config.TrainConfig` after the run was recorded counts at its default (:func:`with_defaults`)."""
     from ..pretrained import ModelError, model_arguments
-    cfg = {**comparable(TrainConfig().to_dict()), **complete_saved_config(comparable(config))}
+    cfg = with_defaults(config)
     try:
         cfg['model_args'] = model_arguments(cfg.get('model') or DEFAULT_MODEL, cfg.get('img_size'),
                                             **cfg.get('model_args', {}))
