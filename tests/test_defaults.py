@@ -30,10 +30,11 @@ def test_at_deits_scale_the_derived_values_are_deits():
     """ImageNet (1.28M images at 224 px, 300 epochs of 2,502 steps) derives TrainConfig's own values."""
     values, lines = derive(RunSize(num_train=1_281_167, img_size=224, epochs=300, steps_per_epoch=1251), DERIVABLE)
     deit = TrainConfig()
-    for key in ('lr', 'warmup_epochs', 'drop_path', 'aa', 'reprob', 'mixup', 'cutmix', 'ema_decay'):
+    for key in ('lr', 'warmup_epochs', 'cooldown_epochs', 'drop_path', 'aa', 'reprob', 'mixup', 'cutmix',
+                'ema_decay'):
         assert values[key] == pytest.approx(getattr(deit, key)), key
     assert values['scale'] == pytest.approx(deit.scale) and values['ratio'] == pytest.approx(deit.ratio, abs=1e-4)
-    assert values['cooldown_epochs'] == 9 and len(lines) == len(DERIVABLE)
+    assert len(lines) == len(DERIVABLE)
 
 
 def test_a_small_short_run_gets_values_that_fit_it():

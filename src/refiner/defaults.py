@@ -65,7 +65,7 @@ def derive(size: RunSize, keys: Sequence[str]) -> Tuple[Dict[str, Any], List[str
                                  f'{MAX_LR_BOOST:g}x: a short run takes larger steps)')
     warmup = round(min(5.0, 0.05 * size.epochs), 2)
     rules['warmup_epochs'] = (warmup, f'5% of the {size.epochs} epochs, at most 5')
-    rules['cooldown_epochs'] = (min(10, int(0.03 * size.epochs)), f'3% of the {size.epochs} epochs, at most 10')
+    rules['cooldown_epochs'] = (min(10, round(size.epochs / 30)), f'one in 30 of the {size.epochs} epochs, at most 10')
     rules['drop_path'] = ((0.1, f'{n:,} images: DeiT\'s') if n >= LARGE_DATASET else
                           (0.05, f'{n:,} images, under {LARGE_DATASET:,}'))
     # crops: DeiT keeps 8% of a 224 px image at the least; a small image keeps proportionally more
