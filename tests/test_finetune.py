@@ -25,8 +25,8 @@ def _metrics(run):
 
 def test_finetune_on_other_classes_records_the_start_and_reinitialises_the_head(pretrained_run, tmp_path, capsys):
     out = tmp_path / 'ft'
-    main(['train', '--finetune', str(pretrained_run), '--classes', '5', '6', '7', '8', '9', '--epochs', '1',
-          '--batch-size', '16', '--train-fraction', '0.1', '--out', str(out), '--no-progress'])
+    main(['train', '--config', 'default', '--finetune', str(pretrained_run), '--classes', '5', '6', '7', '8', '9',
+          '--epochs', '1', '--batch-size', '16', '--train-fraction', '0.1', '--out', str(out), '--no-progress'])
     printed = capsys.readouterr().out
     assert 're-initialised head (other classes, 5 -> 5 classes)' in printed
     assert 'input 16x16 px (img_size of the recipe or --img-size; --img-size N' in printed  # the load report's
@@ -86,9 +86,9 @@ VIT = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)  # a tiny timm ViT 
 def test_deit_plus_refiner_starts_as_its_source_and_reloads_without_repeating_refine(vit_run, tmp_path, capsys):
     root, source_summary = vit_run
     out = tmp_path / 'refined'
-    main(['train', '--model', 'vit_tiny_patch16_224', '--finetune', str(root / 'vit.pth'), '--refine', 'all',
-          '--set', f'model_args={json.dumps(VIT)}', '--epochs', '1', '--batch-size', '16', '--train-fraction', '0.1',
-          '--out', str(out), '--no-progress'])
+    main(['train', '--config', 'default', '--model', 'vit_tiny_patch16_224', '--finetune', str(root / 'vit.pth'),
+          '--refine', 'all', '--set', f'model_args={json.dumps(VIT)}', '--epochs', '1', '--batch-size', '16',
+          '--train-fraction', '0.1', '--out', str(out), '--no-progress'])
     printed = capsys.readouterr().out
     assert 'refinement added to blocks [0, 1]' in printed
     start = _metrics(out)[0]

@@ -99,8 +99,10 @@ def test_deit_plus_refiner_readme_command_without_img_size(tmp_path, capsys):
     out = tmp_path / 'run'
     assert main(['train', '--model', 'vit_tiny_patch16_224', '--finetune', str(tmp_path / 'vit.safetensors'),
                  '--refine', 'all', '--data', str(data), '--set', f'model_args={json.dumps(dict(VIT, patch_size=32))}',
-                 '--epochs', '1', '--batch-size', '2', '--out', str(out), '--no-progress']) == 0
-    assert 'refinement added to blocks [0, 1]' in capsys.readouterr().out
+                 '--epochs', '1', '--batch-size', '2', '--set', 'min_steps=0', '--out', str(out), '--no-progress']) == 0
+    printed = capsys.readouterr().out
+    assert 'refinement added to blocks [0, 1]' in printed
+    assert printed.startswith('--finetune without --config: starting from the finetune recipe')
     assert timm.models.get_pretrained_cfg_value('refined_vit', 'input_size') == (3, 224, 224)
     assert resolve_data_config(model=timm.create_model('refined_vit'))['input_size'] == (3, 224, 224)
     from refiner.pretrained import load_model

@@ -62,13 +62,16 @@ _TRAIN_FLAGS = {  # flag -> config key
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--config', default=None,
-                   help="a shipped recipe (default, digits_clutter, finetune, refiner_s, refiner_m, refiner_s_tl, "
-                        "refiner_m_tl, refiner_l_tl, refiner_s_384, refiner_m_384, refiner_l_384) or a YAML file; "
-                        "default: the embedded dataset's recipe (default, digits_clutter), the DeiT-style defaults "
-                        "with a dataset of yours")
+                   help="a shipped recipe (default, digits_clutter, fashion_mnist, finetune, deit, refiner_s, "
+                        "refiner_m, refiner_s_tl, refiner_m_tl, refiner_l_tl, refiner_s_384, refiner_m_384, "
+                        "refiner_l_384) or a YAML file; default: the dataset's recipe (default, digits_clutter, "
+                        "fashion_mnist), finetune with --finetune, else values derived from your dataset's size "
+                        "(printed when the run starts; deit: DeiT's ImageNet values)")
     p.add_argument('--model', help='any timm model name (refiner_vit_*, vit_*, deit_*, resnet*, ...)')
-    p.add_argument('--data', help='a folder with train/ and val/ class subfolders, a timm dataset spec, or an '
-                                  'embedded dataset: digits (the default), digits_clutter (harder: 32 px, cluttered)')
+    p.add_argument('--data', help='a folder with train/ and val/ class subfolders, a timm dataset spec '
+                                  '(torch/cifar10:DIR, ...), fashion_mnist[:DIR] (its IDX files; Debian package '
+                                  'dataset-fashion-mnist), or an embedded dataset: digits (the default), '
+                                  'digits_clutter (harder: 32 px, cluttered)')
     p.add_argument('--out', help='run directory (default: runs/<model>-<time>)')
     p.add_argument('--epochs', type=int)
     p.add_argument('--batch-size', type=int, help='per process')
@@ -96,16 +99,23 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 def _train_config(args: argparse.Namespace):
     from .config import apply_overrides, default_recipe, load_recipe, parse_set
-    recipe = args.config or default_recipe(args.data)  # none for a user's dataset: the DeiT-style defaults
+    from .defaults import DERIVABLE
+    recipe = args.config or ('finetune' if args.finetune else default_recipe(args.data))
+    if args.finetune and not args.config:
+        print('--finetune without --config: starting from the finetune recipe (--config NAME for another)',
+              flush=True)
     base = load_recipe(recipe) if recipe else {}
     flags = {key: getattr(args, flag) for flag, key in _TRAIN_FLAGS.items()}
+    sets = parse_set(args.set)
+    if recipe is None:  # a user's dataset and no recipe: what is not given is derived from the run's size
+        given = {key for key, value in flags.items() if value is not None} | set(sets)
+        base = {**base, 'derive_keys': [k for k in DERIVABLE if k not in given]}
     if args.refine is not None and args.refine.isdigit():
         flags['refine'] = int(args.refine)  # the last N blocks
     if args.finetune and args.model != base.get('model'):
         # the weights fix the architecture: the recipe's model and its arguments give way to the
         # model the weights name, or to --model
         base = {k: v for k, v in base.items() if k not in ('model', 'model_args')}
-    sets = parse_set(args.set)
     if args.lr is not None or 'lr' in sets:  # a learning rate given wins over the recipe's lr_from_source
         base = {k: v for k, v in base.items() if k != 'lr_from_source'}
     return apply_overrides(base, {**flags, 'linear_probe': args.linear_probe, **sets, 'out': args.out})

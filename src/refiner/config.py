@@ -11,6 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
+from .defaults import DERIVABLE
 from .errors import RefinerError
 
 __all__ = ['TrainConfig', 'AUGMENTATION_KEYS', 'load_recipe', 'list_recipes', 'apply_overrides', 'ConfigError',
@@ -95,6 +96,9 @@ class TrainConfig:
     eval_every: int = 1  # evaluate every N epochs (and always after the last)
     checkpoint_epochs: int = 1  # checkpoint at the end of every N-th epoch (and always after the last)
     description: str = ''
+    # keys whose values the run derives from its size when it starts (refiner.defaults: a user's dataset
+    # trained without a recipe); config.yaml records the derived values, so a resume derives nothing
+    derive_keys: List[str] = field(default_factory=list)
 
     def to_dict(self) -> Dict[str, Any]:
         return dataclasses.asdict(self)
@@ -122,6 +126,9 @@ class TrainConfig:
         if self.lr_base_scale not in (None, 'linear', 'sqrt'):
             raise ConfigError(f"lr_base_scale must be 'linear' or 'sqrt' (or unset: timm's rule), "
                               f"got {self.lr_base_scale!r}")
+        unknown = sorted(set(self.derive_keys) - set(DERIVABLE))
+        if unknown:
+            raise ConfigError(f'derive_keys: {unknown} cannot be derived; derivable keys: {", ".join(DERIVABLE)}')
         if self.min_steps < 0:
             raise ConfigError(f'min_steps must be >= 0, got {self.min_steps}')
         if self.cooldown_epochs < 0:

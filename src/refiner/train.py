@@ -65,6 +65,7 @@ from .data import (
     eval_transform,
     safe_posterize,
 )
+from .defaults import EMA_REPORT_MAX_START_SHARE, RunSize, derive, ema_start_share
 from .devices import all_reduce, resolve_device
 from .errors import RefinerError
 from .evaluate import evaluate
@@ -364,6 +365,20 @@ def _build_input_pipeline(cfg: TrainConfig, data: Datasets, data_config: Dict[st
     return train_set, val_set, sampler, val_sampler
 
 
+def _derive_defaults(cfg: TrainConfig, data: Datasets, img_size: int,
+                     global_batch: int) -> Tuple[TrainConfig, str]:
+    """The config with the values of its ``derive_keys`` derived from the run's size (refiner.defaults),
+    and the lines that say what was derived and why."""
+    steps_per_epoch = max(data.num_train // global_batch, 1)
+    epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
+    size = RunSize(num_train=data.num_train, img_size=img_size, epochs=epochs, steps_per_epoch=steps_per_epoch)
+    values, lines = derive(size, cfg.derive_keys)
+    head = (f'defaults derived from the run ({data.num_train:,} training images, {img_size} px, {size.steps:,} '
+            f'optimizer steps; no recipe given): set any with its flag or --set KEY=VALUE, or --config deit for '
+            f'DeiT\'s ImageNet values')
+    return dataclasses.replace(cfg, **values), '\n'.join([head, *lines])
+
+
 def _epochs_for_min_steps(cfg: TrainConfig, steps_per_epoch: int) -> Tuple[TrainConfig, Optional[str]]:
     """The config with its epochs raised so that the run takes at least ``min_steps`` optimizer steps (a
     small dataset gives few steps per epoch; BiT sizes a fine-tune's schedule in steps), and a line
@@ -437,11 +452,14 @@ class _Trainer:
         self.data = _read_data(cfg)
         self.num_classes = len(self.data.classes)
         img_size, size_from = _resolve_img_size(cfg, self.data, source)
+        global_batch = cfg.batch_size * ddp.world_size  # images per optimizer step, all ranks together
+        self.derived_note = None
+        if cfg.derive_keys and not resuming:  # a resume trains with the values config.yaml recorded
+            cfg, self.derived_note = _derive_defaults(cfg, self.data, img_size, global_batch)
         self.model, self.model_args, self.loaded = _build_model(cfg, self.data.classes, img_size, source, device)
         if self.loaded:  # a new task may need another size than the source's: say which one is used and why
             self.loaded += f'; input {img_size}x{img_size} px ({size_from}; --img-size N to change it)'
         cfg, self.data_config = _resolve_preprocessing(cfg, self.model, source, img_size)
-        global_batch = cfg.batch_size * ddp.world_size  # images per optimizer step, all ranks together
         self.lr, rule, self.lr_note = scaled_lr(cfg, global_batch)
         cfg = dataclasses.replace(cfg, lr_base_scale=rule)  # a resume scales as this run did, whatever timm's rule
         self.train_set, self.val_set, self.sampler, self.val_sampler = _build_input_pipeline(
@@ -581,9 +599,10 @@ class _Trainer:
                   f'{self.total_epochs} epochs x {self.steps_per_epoch} steps, batch {cfg.batch_size} x '
                   f'{self.ddp.world_size}, {self.device}' + (f', resuming at epoch {self.epoch + 1} step '
                                                              f'{self.global_step}' if self.global_step else '')
-                  + f'; run directory {files.root}\n{self.lr_note}', flush=True)
-            if self.epochs_note:
-                print(self.epochs_note, flush=True)
+                  + f'; run directory {files.root}', flush=True)
+            for note in (self.derived_note, self.lr_note, self.epochs_note):
+                if note:
+                    print(note, flush=True)
             for line in [self.loaded] + self.from_source if self.loaded else []:
                 print(line, flush=True)
             if cfg.cooldown_epochs >= cfg.epochs:
@@ -630,7 +649,7 @@ class _Trainer:
                 _write_metrics(files, self.history)
                 bar.write(f'epoch {record["epoch"]}: loss {record["train_loss"]:.4f}'
                           + (f', top-1 {record["top1"]:.2f}%' if 'top1' in record else '')
-                          + (f' (EMA {record["ema_top1"]:.2f}%)' if 'ema_top1' in record else '')
+                          + self._ema_note(record)
                           + f', {record["images_per_s"]:.0f} img/s')
         bar.close()
         return self._finish()
@@ -648,9 +667,22 @@ class _Trainer:
         res = evaluate(self.model, loader, self.device, self.num_classes, self.cfg.amp, self.skips)
         out = {'top1': res['top1'], 'top5': res['top5'], 'eval_loss': res['loss']}
         if self.ema is not None:
-            ema = evaluate(self.ema.module, loader, self.device, self.num_classes, self.cfg.amp, self.skips)
-            out.update(ema_top1=ema['top1'], ema_top5=ema['top5'], ema_eval_loss=ema['loss'])
+            share = ema_start_share(self.ema.get_decay, self.global_step)
+            if share <= EMA_REPORT_MAX_START_SHARE:
+                ema = evaluate(self.ema.module, loader, self.device, self.num_classes, self.cfg.amp, self.skips)
+                out.update(ema_top1=ema['top1'], ema_top5=ema['top5'], ema_eval_loss=ema['loss'])
+            else:  # mostly the weights it started from: its figure would say nothing about the run
+                out['ema_start_share'] = share
         return out
+
+    def _ema_note(self, record: Dict[str, Any]) -> str:
+        """What the epoch line and the summary say of the EMA: its top-1, or why it has none."""
+        if 'ema_top1' in record:
+            return f' (EMA {record["ema_top1"]:.2f}%)'
+        if 'ema_start_share' in record:
+            return (f' (EMA not reported: {record["ema_start_share"]:.0%} of it is still its starting weights '
+                    f'after {self.global_step} steps at ema_decay {self.cfg.ema_decay:g})')
+        return ''
 
     def _finish(self) -> Dict[str, Any]:
         files, last = self.files, self.history[-1]
@@ -677,8 +709,8 @@ class _Trainer:
                 save_weights(self.ema.module, files.ema_weights, self.cfg.model, self.model_args, extra)
             atomic_write_text(files.summary, json.dumps(summary, indent=2) + '\n')
             line = f'done: top-1 {summary["top1"]:.2f}%, top-5 {summary["top5"]:.2f}%'
-            if 'ema_top1' in summary:
-                line += f' (EMA top-1 {summary["ema_top1"]:.2f}%)'
+            note = self._ema_note(last)
+            line += note.replace('(EMA ', '(EMA top-1 ', 1) if 'ema_top1' in last else note
             line += f' on {self.data.num_val} held-out images; {summary["images_per_s"]:.0f} img/s'
             if skipped:
                 line += f'; {len(skipped)} unreadable file(s) skipped (listed in summary.json)'

@@ -1,0 +1,110 @@
+"""Training defaults derived from what a run is, for a user's dataset trained without a recipe.
+
+:class:`~refiner.config.TrainConfig`'s defaults are DeiT's ImageNet recipe: 1.28M images at 224 px
+and about 375k optimizer steps. Most folders a user trains on hold thousands of images and give
+hundreds of steps, where that recipe's EMA never forgets its start, Mixup/CutMix and RandAugment at
+ImageNet strength keep the loss near chance, and its learning rate is too low to get anywhere. Here
+each value of the keys in :data:`DERIVABLE` follows from the run's number of training images, image
+size and optimizer steps, with the reason the run prints. The rules are our own, written to
+reproduce DeiT's values at DeiT's scale and this project's tuned recipes at theirs (measured in
+docs/training.md); no library derives a recipe from a dataset.
+"""
+import math
+from dataclasses import dataclass
+from typing import Any, Dict, List, Sequence, Tuple
+
+__all__ = ['DERIVABLE', 'RunSize', 'derive', 'ema_start_share', 'EMA_REPORT_MAX_START_SHARE']
+
+# the keys a run derives; any of them given by a flag or --set keeps the value given
+DERIVABLE = ('lr', 'warmup_epochs', 'cooldown_epochs', 'drop_path', 'scale', 'ratio', 'aa', 'reprob', 'mixup',
+             'cutmix', 'ema_decay', 'ema_warmup')
+
+# DeiT's scale: the values of TrainConfig's defaults hold from here on
+DEIT_STEPS = 300_000
+LARGE_DATASET = 100_000  # images: DeiT's drop path from here on
+MIX_MIN_STEPS, MIX_MIN_SIZE = 50_000, 64  # Mixup/CutMix only for long runs on images this large
+AA_MIN_SIZE = 64  # RandAugment only for images of at least this side
+ERASE_MIN_SIZE = 24  # random erasing only for images of at least this side
+MAX_LR_BOOST = 10.0
+EMA_REPORT_MAX_START_SHARE = 0.1  # an EMA whose starting weights still weigh more than this is not reported
+
+
+@dataclass(frozen=True)
+class RunSize:
+    """What the defaults are derived from."""
+    num_train: int  # training images
+    img_size: int  # input side in pixels
+    epochs: int
+    steps_per_epoch: int
+
+    @property
+    def steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return 'none'
+    if isinstance(value, float):
+        return f'{value:.4g}'
+    if isinstance(value, (list, tuple)):
+        return '[' + ', '.join(_fmt(v) for v in value) + ']'
+    return str(value)
+
+
+def derive(size: RunSize, keys: Sequence[str]) -> Tuple[Dict[str, Any], List[str]]:
+    """The derived values of ``keys`` (a subset of :data:`DERIVABLE`) for a run of ``size``, and one
+    line per value saying why. The learning rate is, as ``lr`` always is, for a global batch of
+    ``lr_base_size`` images (512 unless set), scaled to the run's batch by timm's rule."""
+    steps, side, n = max(size.steps, 1), size.img_size, size.num_train
+    rules: Dict[str, Tuple[Any, str]] = {}
+    # learning rate: DeiT's 5e-4 (per 512 images) is tuned for ~300k steps; a short run takes a larger
+    # step, up to 10x, growing as the square root of how much shorter it is
+    boost = min(max(math.sqrt(DEIT_STEPS / steps), 1.0), MAX_LR_BOOST)
+    rules['lr'] = (5e-4 * boost, f'5e-4 x {boost:.3g} (sqrt({DEIT_STEPS:,} / {steps:,} steps), at most '
+                                 f'{MAX_LR_BOOST:g}x: a short run takes larger steps)')
+    warmup = round(min(5.0, 0.05 * size.epochs), 2)
+    rules['warmup_epochs'] = (warmup, f'5% of the {size.epochs} epochs, at most 5')
+    rules['cooldown_epochs'] = (min(10, round(size.epochs / 30)), f'one in 30 of the {size.epochs} epochs, at most 10')
+    rules['drop_path'] = ((0.1, f'{n:,} images: DeiT\'s') if n >= LARGE_DATASET else
+                          (0.05, f'{n:,} images, under {LARGE_DATASET:,}'))
+    # crops: DeiT keeps 8% of a 224 px image at the least; a small image keeps proportionally more
+    min_scale = round(min(max(0.08 * 224 / side, 0.08), 0.7), 3)
+    rules['scale'] = ([min_scale, 1.0], f'0.08 x 224 / {side} px, between 0.08 and 0.7: a small image keeps '
+                                        f'more of itself')
+    rules['ratio'] = (([0.75, 1.3333], f'{side} px: DeiT\'s') if side >= AA_MIN_SIZE else
+                      ([0.85, 1.18], f'{side} px, under {AA_MIN_SIZE}: nearly square crops'))
+    rules['aa'] = (('rand-m9-mstd0.5-inc1', f'{side} px: DeiT\'s RandAugment') if side >= AA_MIN_SIZE else
+                   (None, f'off: RandAugment\'s shears and translations at {side} px, under {AA_MIN_SIZE}, '
+                          f'move most of the image'))
+    rules['reprob'] = ((0.25, f'{side} px: DeiT\'s random erasing') if side >= ERASE_MIN_SIZE else
+                       (0.0, f'off: {side} px, under {ERASE_MIN_SIZE}'))
+    mix = steps >= MIX_MIN_STEPS and side >= MIX_MIN_SIZE
+    why = (f'{steps:,} steps and {side} px: DeiT\'s' if mix else
+           f'off: {steps:,} steps (Mixup/CutMix need at least {MIX_MIN_STEPS:,}) at {side} px')
+    rules['mixup'], rules['cutmix'] = (0.8 if mix else 0.0, why), (1.0 if mix else 0.0, why)
+    # EMA: a horizon of a tenth of the run (decay 1 - 10 / steps), between 0.9 and DeiT's 0.99996, with
+    # timm's warm-up so that its starting weights are soon forgotten
+    decay = round(min(max(1.0 - 10.0 / steps, 0.9), 0.99996), 6)
+    rules['ema_decay'] = (decay, f'1 - 10 / {steps:,} steps: an average over the last tenth of the run')
+    rules['ema_warmup'] = (True, 'timm\'s EMA warm-up: the first steps count fully')
+    values, lines = {}, []
+    for key in DERIVABLE:
+        if key in keys:
+            values[key], why = rules[key]
+            lines.append(f'  {key} {_fmt(values[key])}: {why}')
+    return values, lines
+
+
+def ema_start_share(get_decay, steps: int) -> float:
+    """How much of an EMA after ``steps`` updates is still the weights it started from: the product of
+    the decays ``get_decay(step)`` of every update (timm's ModelEmaV3.get_decay; the first update
+    copies the weights, so the start is the model after step 1)."""
+    log_share = 0.0
+    for step in range(1, steps + 1):
+        decay = get_decay(step)
+        if decay <= 0.0:
+            log_share = 0.0  # this update replaced the average with the weights
+            continue
+        log_share += math.log(decay)
+    return math.exp(log_share)
