@@ -110,7 +110,7 @@ def test_an_ema_still_mostly_its_start_is_not_reported(two_runs):
 
 def test_a_resume_keeps_the_values_it_derived(tmp_path, capsys, monkeypatch):
     """The derived values are recorded; a resume trains with them and derives nothing again."""
-    import refiner.train as train_module
+    import refiner.train.setup as train_setup  # where derive is called
     data = _folder(tmp_path / 'data')
     run = tmp_path / 'run'
     assert main(['train', '--data', str(data), '--model', 'refiner_vit_nano', '--img-size', '20', '--epochs', '2',
@@ -118,7 +118,7 @@ def test_a_resume_keeps_the_values_it_derived(tmp_path, capsys, monkeypatch):
     before = (run / 'config.yaml').read_text()
     (run / 'summary.json').unlink()
     calls = []
-    monkeypatch.setattr(train_module, 'derive', lambda *a: calls.append(a) or ({}, []))
+    monkeypatch.setattr(train_setup, 'derive', lambda *a: calls.append(a) or ({}, []))
     capsys.readouterr()
     assert main(['train', '--resume', str(run), '--no-progress']) == 0
     assert calls == [] and 'defaults derived' not in capsys.readouterr().out

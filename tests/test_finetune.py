@@ -142,7 +142,7 @@ def _folder_dataset(root, classes=3, per_class=(8, 3), size=64):
 def test_a_finetune_run_resumes_exactly(official, tmp_path, monkeypatch):
     """Killed before its first checkpoint or after one, a fine-tune resumes to the same weights; the
     input size and normalisation it took from the source are in config.yaml, not re-derived."""
-    from refiner import train as train_module
+    from refiner.train.trainer import Trainer
     data = _folder_dataset(tmp_path / 'data')
     src = tmp_path / 'original.pth'
     torch.save(official['official_tiny']['state_dict'], src)
@@ -153,18 +153,18 @@ def test_a_finetune_run_resumes_exactly(official, tmp_path, monkeypatch):
     train(cfg, out=str(tmp_path / 'full'), progress=False)
     saved = yaml.safe_load((tmp_path / 'full' / 'config.yaml').read_text())
     assert (saved['img_size'], saved['mean'], saved['crop_pct']) == (64, [0.5, 0.5, 0.5], 0.9)  # the source's
-    original_step = train_module._Trainer._step
+    original_step = Trainer._step
     for crash_at in (1, 3):  # before any checkpoint; after the one at step 2
         def crash(self, *args, _at=crash_at):
             if self.global_step == _at:
                 raise KeyboardInterrupt
             return original_step(self, *args)
-        monkeypatch.setattr(train_module._Trainer, '_step', crash)
+        monkeypatch.setattr(Trainer, '_step', crash)
         out = tmp_path / f'crash{crash_at}'
         with pytest.raises(KeyboardInterrupt):
             train(cfg, out=str(out), progress=False)
-        monkeypatch.setattr(train_module._Trainer, '_step', original_step)
-        train(train_module.TrainConfig(), resume=str(out), progress=False)
+        monkeypatch.setattr(Trainer, '_step', original_step)
+        train(TrainConfig(), resume=str(out), progress=False)
         for weights in ('model.safetensors', 'model_ema.safetensors'):
             a, b = load_file(str(tmp_path / 'full' / weights)), load_file(str(out / weights))
             assert all(torch.equal(a[k], b[k]) for k in a), (crash_at, weights)
@@ -205,24 +205,24 @@ def test_a_finetune_run_says_its_learning_rate_and_input_size(pretrained_run, tm
 
 
 def test_min_steps_raises_the_epochs_of_a_small_dataset():
-    from refiner.train import _epochs_for_min_steps
+    from refiner.train.setup import epochs_for_min_steps
     cfg = apply_overrides(load_recipe('finetune'), {})
-    assert cfg.min_steps == 500 and _epochs_for_min_steps(cfg, 42) == (cfg, None)  # 30 x 42 steps: enough
-    raised, line = _epochs_for_min_steps(cfg, 8)  # 135 images at batch 16
+    assert cfg.min_steps == 500 and epochs_for_min_steps(cfg, 42) == (cfg, None)  # 30 x 42 steps: enough
+    raised, line = epochs_for_min_steps(cfg, 8)  # 135 images at batch 16
     assert raised.epochs == 63 and line.startswith('epochs: 63, not 30: min_steps 500 optimizer steps at 8 per epoch')
-    assert _epochs_for_min_steps(apply_overrides(load_recipe('default'), {}), 1)[1] is None  # min_steps 0
+    assert epochs_for_min_steps(apply_overrides(load_recipe('default'), {}), 1)[1] is None  # min_steps 0
 
 
 def test_augmentation_and_lr_come_from_a_source_run_only_when_asked(pretrained_run):
     from refiner.cli import _train_config, build_parser
-    from refiner.train import _from_source_run
+    from refiner.train.setup import from_source_run
     deit = apply_overrides({}, {})  # DeiT's ImageNet augmentation: flips, 8% crops, RandAugment
     asked = apply_overrides({}, dict(augment_from_source=True, lr_from_source=0.5, hflip=0.5, mixup=0.3))
     for cfg, source in ((deit, read_source(pretrained_run)),  # not asked
                         (asked, read_source(pretrained_run / 'model.safetensors')),  # weights, not a run
                         (asked, None)):
-        assert _from_source_run(cfg, source) == (cfg, [])
-    cfg, lines = _from_source_run(asked, read_source(pretrained_run))  # a run trained on the digits
+        assert from_source_run(cfg, source) == (cfg, [])
+    cfg, lines = from_source_run(asked, read_source(pretrained_run))  # a run trained on the digits
     assert (cfg.hflip, cfg.aa, cfg.scale, cfg.interpolation) == (0.0, None, [0.7, 1.0], 'bilinear')
     assert cfg.mixup == 0.3 and 'hflip 0.0' in lines[0]  # mixing is the recipe's
     assert (cfg.lr, cfg.lr_base_size) == (0.5 * load_recipe('default')['lr'], 512) and 'lr_from_source 0.5' in lines[1]
@@ -235,12 +235,12 @@ def test_without_a_size_of_its_own_a_finetune_keeps_the_sources_and_says_so(pret
     import dataclasses
     from types import SimpleNamespace
 
-    from refiner.train import _resolve_img_size
+    from refiner.train.setup import resolve_img_size
     source = read_source(pretrained_run)
     photos = SimpleNamespace(default_img_size=None)  # an image folder: no size of its own
     cfg = dataclasses.replace(_cfg(model=None), img_size=None)  # as the finetune recipe: no img_size
-    assert _resolve_img_size(cfg, photos, source) == (16, "the source's: the size its weights were trained at")
-    assert _resolve_img_size(dataclasses.replace(cfg, img_size=32), photos, source) == (
+    assert resolve_img_size(cfg, photos, source) == (16, "the source's: the size its weights were trained at")
+    assert resolve_img_size(dataclasses.replace(cfg, img_size=32), photos, source) == (
         32, 'img_size of the recipe or --img-size')
 
 

@@ -185,8 +185,8 @@ def test_bad_input_gets_one_clear_sentence(tmp_path, args, message):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
-    from refiner import train as train_module
-    original = train_module._Trainer._loss
+    from refiner.train.trainer import Trainer
+    original = Trainer._loss
     calls = {'n': 0}
 
     def poisoned(self, images, targets):
@@ -194,7 +194,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
         loss = original(self, images, targets)
         return loss * float('nan') if calls['n'] > 4 else loss
 
-    monkeypatch.setattr(train_module._Trainer, '_loss', poisoned)
+    monkeypatch.setattr(Trainer, '_loss', poisoned)
     cfg = apply_overrides(load_recipe('default'), dict(
         epochs=2, batch_size=16, train_fraction=0.2, checkpoint_every=2,
         model_args={'patch_size': 2, 'embed_dim': 32, 'depth': 2, 'num_heads': 2}))

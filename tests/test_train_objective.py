@@ -10,9 +10,10 @@ import timm
 import torch
 
 import refiner  # noqa: F401  (registers the models)
-from refiner import train as train_module
 from refiner.config import TrainConfig
-from refiner.train import _attn_cos_reg, _mix_token_box, _soft_ce
+from refiner.train import objective
+from refiner.train.objective import attn_cos_reg, mix_token_box, soft_ce
+from refiner.train.trainer import Trainer
 
 
 def _log_softmax(row):
@@ -35,7 +36,7 @@ def test_soft_ce_and_attention_regulariser_hand_values():
     logits = torch.tensor([[1.0, 2.0, 3.0], [0.5, -1.0, 0.0]])
     target = torch.tensor([[0.0, 0.0, 1.0], [0.2, 0.5, 0.3]])
     expected = (_ce([1, 2, 3], [0, 0, 1]) + _ce([0.5, -1, 0], [0.2, 0.5, 0.3])) / 2
-    assert _soft_ce(logits, target).item() == pytest.approx(expected, rel=1e-6)
+    assert soft_ce(logits, target).item() == pytest.approx(expected, rel=1e-6)
     # cosine over the head axis at every (image, query, key), averaged, over the first `pairs` pairs
     torch.manual_seed(0)
     maps = [torch.rand(2, 3, 2, 2) for _ in range(4)]
@@ -45,8 +46,8 @@ def test_soft_ce_and_attention_regulariser_hand_values():
                 for m in range(2)]
         return sum(vals) / len(vals)
 
-    assert _attn_cos_reg(maps, 2).item() == pytest.approx((pair(maps[0], maps[1]) + pair(maps[1], maps[2])) / 2)
-    assert _attn_cos_reg(maps, 12).item() == pytest.approx(sum(pair(maps[i], maps[i + 1]) for i in range(3)) / 3)
+    assert attn_cos_reg(maps, 2).item() == pytest.approx((pair(maps[0], maps[1]) + pair(maps[1], maps[2])) / 2)
+    assert attn_cos_reg(maps, 12).item() == pytest.approx(sum(pair(maps[i], maps[i + 1]) for i in range(3)) / 3)
 
 
 class _FakeStep:
@@ -67,9 +68,9 @@ class _FakeStep:
 
 @pytest.mark.parametrize('case', ['plain', 'token_labeling', 'mix_token', 'mixup_mix_token'])
 def test_training_loss_equals_hand_computed_terms(monkeypatch, case):
-    """_Trainer._loss: class-token CE against the (smoothed, Mixup-mixed) target, mixed again by the
-    own-token share under MixToken; + dense_weight · mean CE of every token against its image's
-    target; + attn_cos_reg · the attention-similarity term. A loss that drops any term, uses hard
+    """Trainer._loss (objective.training_loss): class-token CE against the (smoothed, Mixup-mixed)
+    target, mixed again by the own-token share under MixToken; + dense_weight · mean CE of every token
+    against its image's target; + attn_cos_reg · the attention-similarity term. A loss that drops any term, uses hard
     labels or the wrong MixToken share fails."""
     B, C, grid = 4, 3, (2, 3)  # 8×12 images, patch 4: a 2×3 token grid
     tl = case != 'plain'
@@ -87,11 +88,11 @@ def test_training_loss_equals_hand_computed_terms(monkeypatch, case):
     else:
         soft = smooth
     boxes = []
-    monkeypatch.setattr(train_module, '_mix_token_box', lambda h, w: boxes.append((h, w)) or ((0, 1, 1, 3), 4 / 6))
+    monkeypatch.setattr(objective, 'mix_token_box', lambda h, w: boxes.append((h, w)) or ((0, 1, 1, 3), 4 / 6))
     trainer = types.SimpleNamespace(cfg=cfg, mixup=mixup, num_classes=C, step_module=step,
                                     autocast=contextlib.nullcontext(),
                                     model=types.SimpleNamespace(patch_embed=types.SimpleNamespace(patch_size=4)))
-    loss = train_module._Trainer._loss(trainer, torch.zeros(B, 3, 8, 12), targets).item()
+    loss = Trainer._loss(trainer, torch.zeros(B, 3, 8, 12), targets).item()
 
     own = 4 / 6 if cfg.mix_token else 1.0
     assert step.calls == [((B, 3, 8, 12), (0, 1, 1, 3) if cfg.mix_token else None, True)]
@@ -117,7 +118,7 @@ def test_mix_token_box_share_is_the_share_of_own_tokens():
     areas = []
     for seed in range(400):
         np.random.seed(seed)
-        res = _mix_token_box(h, w)
+        res = mix_token_box(h, w)
         if res is None:
             continue
         (top, left, bottom, right), own = res
@@ -175,9 +176,9 @@ def test_attention_regulariser_pairs_of_a_refiner():
                               num_classes=3).train()
     maps = model.forward_train(torch.randn(2, 3, 16, 16), return_attn=True)['attn']
     assert maps[0] is maps[1] and maps[2] is maps[3]
-    assert _attn_cos_reg(maps[:2], 1).item() == pytest.approx(1.0)
-    reg = _attn_cos_reg(maps, 12)
-    expected = (1.0 + _attn_cos_reg(maps[1:3], 1).item() + 1.0) / 3
+    assert attn_cos_reg(maps[:2], 1).item() == pytest.approx(1.0)
+    reg = attn_cos_reg(maps, 12)
+    expected = (1.0 + attn_cos_reg(maps[1:3], 1).item() + 1.0) / 3
     assert reg.item() == pytest.approx(expected, rel=1e-6)
     reg.backward()
     assert model.blocks[2].attn.qkv.weight.grad.abs().sum() > 0

@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 import refiner  # noqa: F401  (registers the models)
-from refiner import train as train_module
 from refiner.config import apply_overrides, load_recipe
 from refiner.train import train
+from refiner.train.trainer import Trainer
 
 
 def test_training_learns(trained_run):
@@ -41,7 +41,7 @@ def test_resume_with_mixup_randaugment_erasing_mixtoken_and_workers_is_bit_ident
     ref = tmp_path / 'ref'
     train(_cfg(**heavy), out=str(ref), progress=False)
 
-    original = train_module._Trainer._step
+    original = Trainer._step
 
     def crash_at_step_7(self, images, targets):
         if self.global_step == 7:
@@ -49,7 +49,7 @@ def test_resume_with_mixup_randaugment_erasing_mixtoken_and_workers_is_bit_ident
         return original(self, images, targets)
 
     killed = tmp_path / 'killed'
-    monkeypatch.setattr(train_module._Trainer, '_step', crash_at_step_7)
+    monkeypatch.setattr(Trainer, '_step', crash_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         train(_cfg(**heavy, workers=2), out=str(killed), progress=False)
     monkeypatch.undo()
