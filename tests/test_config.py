@@ -29,11 +29,25 @@ def test_the_learning_rate_follows_timms_scaling_rule():
 
 def test_finetune_drops_the_recipes_model_arguments():
     """The default recipe's patch_size 4 is for its own model, not for the weights' architecture."""
-    from refiner.cli import _train_config, build_parser
-    cfg = _train_config(build_parser().parse_args(['train', '--model', 'vit_tiny_patch16_224', '--finetune', 'x.pth',
+    from refiner.cli import build_parser
+    from refiner.cli.train import train_config
+    cfg = train_config(build_parser().parse_args(['train', '--model', 'vit_tiny_patch16_224', '--finetune', 'x.pth',
                                                    '--refine', 'all']))
     assert (cfg.model, cfg.model_args, cfg.refine) == ('vit_tiny_patch16_224', {}, 'all')
-    cfg = _train_config(build_parser().parse_args(['train', '--finetune', 'x.pth']))
+    cfg = train_config(build_parser().parse_args(['train', '--finetune', 'x.pth']))
     assert (cfg.model, cfg.model_args) == (None, {})
-    cfg = _train_config(build_parser().parse_args(['train', '--model', 'vit_tiny_patch16_224']))  # from scratch
+    cfg = train_config(build_parser().parse_args(['train', '--model', 'vit_tiny_patch16_224']))  # from scratch
     assert cfg.model_args == {'patch_size': 4}
+
+
+def test_train_config_precedence_with_plain_arguments():
+    """refiner.config.train_config, without argparse: recipe < flags given < --set; a flag left None is not
+    given; a fine-tune without a recipe starts from the finetune recipe and says so."""
+    from refiner.config import train_config
+    cfg, note = train_config('default', {'epochs': 3, 'lr': None}, {})
+    assert (cfg.epochs, cfg.lr, note) == (3, load_recipe('default')['lr'], None)
+    cfg, _ = train_config('default', {'epochs': 3}, {'epochs': 5})
+    assert cfg.epochs == 5
+    cfg, note = train_config(None, {'finetune': 'x.pth', 'model': None}, {})
+    assert note.startswith('--finetune without --config: starting from the finetune recipe')
+    assert cfg.min_steps == load_recipe('finetune')['min_steps'] and cfg.model is None

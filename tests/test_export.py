@@ -224,3 +224,15 @@ def test_an_hf_export_removes_what_a_killed_one_left(tmp_path, nano_checkpoint):
         export_hf(model, str(tmp_path / 'hub'), info)
         assert not abandoned.exists() and live.is_dir()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith('.hub.')) == [live.name]
+
+
+def test_export_and_check_is_the_library_call_behind_the_command(tmp_path):
+    """export.export_and_check writes and checks a file without the command line, and refuses a format
+    it does not know."""
+    from refiner.export import ExportError, export_and_check, load_for_export
+    model, info = load_for_export('refiner_vit_nano', None, 16, dict(VIT, patch_size=4))
+    res = export_and_check(model, info, str(tmp_path / 'nano.pt'), 'torchscript')
+    assert res['path'].is_file() and res['img_size'] == 16 and res['any_multiple_of'] is None
+    assert set(res['errors']) == {1, 3} and max(res['errors'].values()) <= res['tolerance'] == 1e-5
+    with pytest.raises(ExportError, match='expected'):
+        export_and_check(model, info, str(tmp_path / 'x'), 'tflite')

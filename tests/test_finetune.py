@@ -214,7 +214,8 @@ def test_min_steps_raises_the_epochs_of_a_small_dataset():
 
 
 def test_augmentation_and_lr_come_from_a_source_run_only_when_asked(pretrained_run):
-    from refiner.cli import _train_config, build_parser
+    from refiner.cli import build_parser
+    from refiner.cli.train import train_config
     from refiner.train.setup import from_source_run
     deit = apply_overrides({}, {})  # DeiT's ImageNet augmentation: flips, 8% crops, RandAugment
     asked = apply_overrides({}, dict(augment_from_source=True, lr_from_source=0.5, hflip=0.5, mixup=0.3))
@@ -227,7 +228,7 @@ def test_augmentation_and_lr_come_from_a_source_run_only_when_asked(pretrained_r
     assert cfg.mixup == 0.3 and 'hflip 0.0' in lines[0]  # mixing is the recipe's
     assert (cfg.lr, cfg.lr_base_size) == (0.5 * load_recipe('default')['lr'], 512) and 'lr_from_source 0.5' in lines[1]
     for given in (['--lr', '1e-3'], ['--set', 'lr=0.001']):  # a learning rate given wins over lr_from_source
-        cfg = _train_config(build_parser().parse_args(['train', '--config', 'finetune', '--finetune', 'x', *given]))
+        cfg = train_config(build_parser().parse_args(['train', '--config', 'finetune', '--finetune', 'x', *given]))
         assert (cfg.lr, cfg.lr_from_source) == (1e-3, 0.0)
 
 

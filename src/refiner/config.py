@@ -15,7 +15,7 @@ from .defaults import DERIVABLE
 from .errors import RefinerError
 
 __all__ = ['TrainConfig', 'AUGMENTATION_KEYS', 'load_recipe', 'list_recipes', 'apply_overrides', 'ConfigError',
-           'DEFAULT_MODEL', 'lr_scale_rule', 'scaled_lr', 'complete_saved_config', 'default_recipe']
+           'DEFAULT_MODEL', 'lr_scale_rule', 'scaled_lr', 'complete_saved_config', 'default_recipe', 'train_config']
 
 DEFAULT_MODEL = 'refiner_vit_s'  # what a run trains when neither the config nor finetune weights name a model
 
@@ -237,3 +237,30 @@ def parse_set(items: List[str]) -> Dict[str, Any]:
             raise ConfigError(f'--set {item!r}: expected key=value')
         out[key.strip()] = yaml.safe_load(value)
     return out
+
+
+def train_config(config: Optional[str], flags: Dict[str, Any], sets: Dict[str, Any],
+                 out: Optional[str] = None) -> Tuple[TrainConfig, Optional[str]]:
+    """A new run's config from ``refiner train``'s recipe, flags and ``--set`` values, lowest precedence
+    first: the recipe (``config``; else ``finetune`` under a finetune source; else the dataset's; else
+    none: what is not given is derived from the run's size), the flags given (keys of
+    :class:`TrainConfig`, None: not given), then ``sets``. The weights fix the architecture: under
+    ``finetune`` the recipe's model and its arguments give way to the model the weights name, or to
+    ``model``; a learning rate given wins over the recipe's ``lr_from_source``. Returns the config and a
+    line saying which recipe a fine-tune starts from when none was named (else None)."""
+    finetune = flags.get('finetune')
+    recipe = config or ('finetune' if finetune else default_recipe(flags.get('data')))
+    note = ('--finetune without --config: starting from the finetune recipe (--config NAME for another)'
+            if finetune and not config else None)
+    base = load_recipe(recipe) if recipe else {}
+    if recipe is None:  # a user's dataset and no recipe: what is not given is derived from the run's size
+        given = {key for key, value in flags.items() if value is not None} | set(sets)
+        base = {**base, 'derive_keys': [k for k in DERIVABLE if k not in given]}
+    refine = flags.get('refine')
+    if isinstance(refine, str) and refine.isdigit():
+        flags = {**flags, 'refine': int(refine)}  # the last N blocks
+    if finetune and flags.get('model') != base.get('model'):
+        base = {k: v for k, v in base.items() if k not in ('model', 'model_args')}
+    if flags.get('lr') is not None or 'lr' in sets:
+        base = {k: v for k, v in base.items() if k != 'lr_from_source'}
+    return apply_overrides(base, {**flags, **sets, 'out': out}), note

@@ -10,7 +10,7 @@ import torch
 from .errors import RefinerError
 
 __all__ = ['export_onnx', 'export_torchscript', 'export_hf', 'check_onnx', 'check_torchscript', 'check_hf',
-           'ExportError', 'input_stride', 'onnx_input_shape']
+           'ExportError', 'input_stride', 'onnx_input_shape', 'export_and_check', 'TOLERANCES']
 
 
 class ExportError(RefinerError, RuntimeError):
@@ -196,3 +196,39 @@ def check_hf(out_dir: str, model: torch.nn.Module, img_size: int, batches: Seque
     """``timm.create_model('local-dir:...')`` against the model, max |diff| / max |output| per batch size."""
     loaded = timm.create_model(f'local-dir:{Path(out_dir).resolve()}', pretrained=True).eval()
     return _compare(loaded, model, img_size, batches, in_chans)
+
+
+TOLERANCES = {'onnx': 1e-4, 'torchscript': 1e-5, 'hf': 1e-5}  # max relative difference an export may show
+
+
+def export_and_check(model: torch.nn.Module, info: Dict[str, Any], out: str, fmt: str,
+                     reparameterize: bool = True, opset: int = 18) -> Dict[str, Any]:
+    """Export ``model`` (with ``info`` as :func:`load_for_export` gives it) to ``out`` in ``fmt`` ('onnx',
+    'torchscript' or 'hf') and check the file against the model. A Hub folder keeps the weights as trained
+    (to fine-tune or re-parameterize later) and is removed again when it does not reload as the model;
+    the files re-parameterize first unless ``reparameterize`` is False. Returns the path, the relative
+    differences (per batch size, and per input size for a dynamic ONNX file), the tolerance, what was
+    compared with, the input size and, for ONNX, the multiple of which any height and width is taken
+    (None: fixed)."""
+    size = info['data_config']['input_size'][-1]
+    if fmt == 'hf':
+        path = export_hf(model.eval(), out, info)
+        errs, what = check_hf(path, model, size), "timm.create_model('local-dir:...')"
+        if max(errs.values()) > TOLERANCES[fmt]:
+            import shutil
+            shutil.rmtree(path)  # never leave a folder that does not reload as the model
+    elif fmt == 'onnx':
+        model = prepare(model, reparameterize=reparameterize)
+        path = export_onnx(model, out, size, opset=opset)
+        errs, what = check_onnx(path, model, size), 'PyTorch'
+    elif fmt == 'torchscript':
+        model = prepare(model, reparameterize=reparameterize)
+        path = export_torchscript(model, out)
+        errs, what = check_torchscript(path, model, size), 'PyTorch'
+    else:
+        raise ExportError(f"format {fmt!r}: expected 'onnx', 'torchscript' or 'hf'")
+    stride = None
+    if fmt == 'onnx' and not isinstance(onnx_input_shape(path)[2], int):
+        stride = input_stride(model)
+    return {'path': path, 'errors': errs, 'tolerance': TOLERANCES[fmt], 'compared_with': what, 'img_size': size,
+            'any_multiple_of': stride}
