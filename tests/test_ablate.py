@@ -414,3 +414,21 @@ def test_reuse_copies_each_run_from_its_own_seed_and_fraction_summary_last(tmp_p
     monkeypatch.undo()
     code, _, err = _ablate(capsys, '--out', first, *tiny, '--arm', 'r3:model_args.expansion_ratio=3,mean=null')
     assert code == 2 and 'r3-f' in err and 'mean' in err and 'another definition' in err
+
+
+def test_an_old_run_without_lr_base_scale_resumes_linearly_and_is_recognised():
+    """config.yaml written before lr_base_scale existed: the run resumes with linear scaling (as it was
+    trained), and ablate compares its folder as the same arm, not as a changed one."""
+    import dataclasses
+
+    from refiner.ablate.run_dirs import _differences, comparable, trains_as, with_defaults
+    from refiner.config import apply_overrides, complete_saved_config
+    cfg = apply_overrides(load_recipe('default'), dict(lr_base_scale='linear'))
+    recorded = comparable(cfg.to_dict())
+    old = {k: v for k, v in recorded.items() if k != 'lr_base_scale'}
+    assert complete_saved_config(old)['lr_base_scale'] == 'linear'
+    assert _differences(with_defaults(old), recorded, lenient=True) == []
+    assert trains_as(old) == trains_as(recorded)
+    sqrt = comparable(dataclasses.replace(cfg, lr_base_scale='sqrt').to_dict())
+    assert _differences(with_defaults(old), sqrt, lenient=True) == [
+        "lr_base_scale: the run has 'linear', the arm gives 'sqrt'"]

@@ -1,5 +1,6 @@
 """Fine-tuning end to end: from every kind of weight source, retrofitting a timm ViT, linear probing,
 layer decay, the learning rate and input size a fine-tune derives, resuming, and the one-sentence refusals."""
+import dataclasses
 import json
 import pickle
 
@@ -302,3 +303,27 @@ def test_every_refusal_is_one_sentence(pretrained_run, official, tmp_path, capsy
     _one_line_error(capsys, ['eval', '--checkpoint', str(tmp_path / 'ints.safetensors')],
                     'holds int64 values where weights must be floating point')
     _one_line_error(capsys, ['eval', '--checkpoint', str(tmp_path)], 'neither a refiner run')
+
+
+def test_lr_from_source_takes_the_sources_own_base_size():
+    """A source run trained with lr_base_size 128 (not the recipe's 512): its rate is per 128 images, so
+    the fine-tune's lr_base_size must become 128 too, or the rate is scaled for the wrong batch."""
+    from refiner.pretrained import Source
+    from refiner.train.setup import from_source_run
+    source = Source('run', 'run', {}, run_config={'lr': 4e-3, 'lr_base_size': 128})
+    cfg = apply_overrides(load_recipe('finetune'), dict(lr_from_source=0.5))
+    assert cfg.lr_base_size == 512
+    taken, lines = from_source_run(cfg, source)
+    assert (taken.lr, taken.lr_base_size) == (pytest.approx(2e-3), 128) and 'per 128 images' in lines[-1]
+
+
+def test_the_finetune_recipe_starts_the_new_head_at_zero(pretrained_run):
+    """--config finetune: a re-initialised head starts at zero in the model the run trains (the load
+    report says so; this checks the weights)."""
+    from refiner.train.setup import build_model
+    cfg = apply_overrides(load_recipe('finetune'), dict(model='refiner_vit_nano', model_args=dict(NANO)))
+    model, _, loaded = build_model(cfg, ['a', 'b', 'c'], 16, read_source(pretrained_run), torch.device('cpu'))
+    assert 'zeros' in loaded and not model.head.weight.any() and not model.head.bias.any()
+    model, _, _ = build_model(dataclasses.replace(cfg, zero_head=False), ['a', 'b', 'c'], 16,
+                              read_source(pretrained_run), torch.device('cpu'))
+    assert model.head.weight.any()
