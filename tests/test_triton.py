@@ -265,6 +265,37 @@ def test_launches_are_64bit_safe_and_within_grid_limits(monkeypatch, form):
         spy.launches.clear()
 
 
+def test_launches_run_under_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device and stream: the fused kernel enters the maps' device
+    first (maps on cuda:1 while cuda:0 is current must not read another GPU's memory)."""
+    from types import SimpleNamespace
+
+    import refiner.kernels.triton_refinement as module
+    guard = module._device_guard(SimpleNamespace(is_cuda=True, device=torch.device('cuda', 1)))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    state = {'inside': None, 'launches': []}
+
+    class Recorder:
+        def __init__(self, t):
+            state['device'] = t.device
+
+        def __enter__(self):
+            state['inside'] = True
+
+        def __exit__(self, *exc):
+            state['inside'] = False
+
+    spy = _Launches()
+    monkeypatch.setattr(module, '_device_guard', Recorder)
+    monkeypatch.setattr(module, '_activated_kernel', spy)
+    monkeypatch.setattr(spy, '__class__', type('Guarded', (_Launches,), {
+        '__getitem__': lambda self, grid: lambda *a, **k: state['launches'].append(state['inside'])}))
+    layer = _refining_block(4)
+    attn, v = _maps(2, 4, 17)
+    module.refine_aggregate_fused(attn, v, fuse_module(layer.refine, *layer._refined_affine(), torch.float32))
+    assert state['launches'] == [True] and state['inside'] is False and state['device'] == attn.device
+
+
 def test_bad_input_gets_a_clear_error():
     import refiner.kernels.triton_refinement as module
     layer = _refining_block(4)
