@@ -57,7 +57,8 @@ def launch_arguments(form: str, dtype: torch.dtype, heads: int = 12, expanded_he
 
 
 def compile_for_target(capability: int, dtype: torch.dtype = torch.bfloat16, form: str = 'activated',
-                       num_warps: Optional[int] = None, specialise: bool = True, **shape) -> Dict[str, Any]:
+                       num_warps: Optional[int] = None, num_stages: Optional[int] = None, specialise: bool = True,
+                       **shape) -> Dict[str, Any]:
     """Compile the ``form`` kernel for an NVIDIA GPU of this compute capability (90: H100/H200, 80:
     A100), no GPU needed, for maps and v of ``dtype`` at ``shape`` (:func:`launch_arguments`'
     keywords; default Refiner-ViT-S's), specialised as a launch would be (``specialise``). Returns
@@ -83,11 +84,14 @@ def compile_for_target(capability: int, dtype: torch.dtype = torch.bfloat16, for
         signature[name] = 'constexpr'
         constexprs[(names.index(name),)] = value
     warps = num_warps or T.NUM_WARPS[form]
+    stages = num_stages or T.num_stages(form, capability)
     compiled = triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
                                                         attrs=attrs),
-                              target=GPUTarget('cuda', capability, 32), options={'num_warps': warps})
+                              target=GPUTarget('cuda', capability, 32),
+                              options={'num_warps': warps, 'num_stages': stages})
     usage: Dict[str, Any] = {'capability': capability, 'dtype': str(dtype).replace('torch.', ''), 'form': form,
-                             'num_warps': warps, 'unit_arguments': unit, 'divisible_arguments': divisible,
+                             'num_warps': warps, 'num_stages': stages, 'unit_arguments': unit,
+                             'divisible_arguments': divisible,
                              'registers': None, 'stack_bytes': None,
                              'shared_bytes': compiled.metadata.shared, 'cubin_bytes': len(compiled.asm['cubin']),
                              'ptx': compiled.asm['ptx'], 'sass': None}

@@ -54,7 +54,13 @@ HALO_CHUNK = 64  # halo positions expanded per matrix product
 MAX_LAUNCH_ELEMENTS = 2 ** 31 - 1  # beyond this, offsets inside a sample go 64-bit
 MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
 SCRATCH_BYTES = 64 << 20  # the activated kernel's scratch per launch (one slice per program)
-NUM_WARPS = {'activated': 8, 'linear': 8}  # sm_90 bf16: 255 and 214 registers, no spills (4 warps spill)
+NUM_WARPS = {'activated': 8, 'linear': 8}  # 4 warps spill
+
+
+def num_stages(form: str, capability: int) -> int:
+    """Software pipelining depth of the loops: the activated kernel's registers are tight (no spills
+    in bf16 / fp16 with 1 stage on sm_90, 2 on sm_80); the linear one's do not depend on it."""
+    return 1 if form == 'activated' and capability >= 90 else 2
 
 
 # where the fused kernel is taken over the eager kernels, by form: what scripts/gpu_cost.py's
@@ -148,7 +154,7 @@ if triton is not None:
                     w1 = tl.load(W1 + e[:, None] * HP + heads[None, :])  # (EC, HP)
                     x = _relu6(tl.dot(w1, a, input_precision=PRECISION) + tl.load(B1 + e)[:, None])  # (EC, PC)
                     x = tl.where(inside[None, :], x, 0.)
-                    tl.store(scr + e[:, None] * HALO_P + p[None, :], x.to(SCR.dtype.element_ty))
+                    tl.store(scr + p[None, :] * EP + e[:, None], x.to(SCR.dtype.element_ty))  # channels-last
             tl.debug_barrier()  # the slice is written: every thread of the program may read it
             # 2. the k² taps over shifted windows, ReLU6, the reduction W3 (EC maps at a time)
             reduced = tl.zeros((HP, BM * BN), dtype=tl.float32)
@@ -156,7 +162,7 @@ if triton is not None:
                 e = c * EC + chans
                 local = tl.zeros((EC, BM * BN), dtype=tl.float32)
                 for t in tl.static_range(K * K):  # unrolled
-                    x = tl.load(scr + e[:, None] * HALO_P + (window + (t // K) * HN + t % K)[None, :])  # (EC, BM·BN)
+                    x = tl.load(scr + (window + (t // K) * HN + t % K)[None, :] * EP + e[:, None])  # (EC, BM·BN)
                     local += tl.load(W2 + e * (K * K) + t)[:, None] * x.to(tl.float32)
                 local = _relu6(local + tl.load(B2 + e)[:, None])
                 w3 = tl.load(W3 + heads[:, None] * EP + e[None, :])  # (HP, EC)
@@ -270,8 +276,9 @@ def refine_aggregate_fused(attn: Tensor, v: Tensor, weights: FusedWeights, preci
     tiles = triton.cdiv(N, BLOCK_M)
     with _device_guard(attn):
         out = torch.empty(B, H, N, d, dtype=v.dtype, device=v.device)
+        major, minor = torch.cuda.get_device_capability(attn.device) if attn.is_cuda else (9, 0)
         common = dict(HP=HP, DP=DP, K=k, BM=BLOCK_M, BN=BLOCK_N, PRECISION=precision,
-                      num_warps=NUM_WARPS[weights.form])
+                      num_warps=NUM_WARPS[weights.form], num_stages=num_stages(weights.form, 10 * major + minor))
         if weights.form == 'activated':
             EP = weights.tensors[0].shape[0]
             per_program = EP * halo_positions(k)
