@@ -158,3 +158,22 @@ def test_fused_weights_are_cached_until_a_parameter_or_mode_changes():
         layer._aggregate_refined(attn, torch.randn(1, layer.num_heads, 5, 8))
     layer.eval()
     assert fold() is not third
+
+
+def test_fused_kernel_follows_the_dispatch_table(fused_spy, monkeypatch):
+    """The fused kernel replaces an eager chain only where the table (the cost model's verdict) says it
+    wins: on sm_90 the BatchNorm-folded chain stays eager, the unfolded one goes fused."""
+    from refiner.kernels import triton_refinement as fused
+    assert fused.FUSED_PREFERRED[90]['activated'] and not fused.FUSED_PREFERRED[90]['activated_reparameterized']
+    model = _model().eval()
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        model(x)
+        assert fused_spy and set(fused_spy) == {'activated'}
+        fused_spy.clear()
+        folded = timm.utils.reparameterize_model(model)
+        folded(x)
+        assert not fused_spy
+        monkeypatch.setitem(fused.FUSED_PREFERRED[90], 'activated_reparameterized', True)
+        folded(x)
+        assert fused_spy

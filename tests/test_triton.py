@@ -192,6 +192,7 @@ def test_fused_kernel_runs_the_model(interpreted, monkeypatch):
     re-parameterization (whose new weights are folded again, not taken from the cache)."""
     from refiner.layers import attention as attention_module
     monkeypatch.setattr(attention_module, 'FUSED_DEVICES', ('cuda', 'cpu'))
+    monkeypatch.setitem(interpreted.FUSED_PREFERRED, 90, dict.fromkeys(interpreted.FUSED_PREFERRED[90], True))
     calls = []
     original = interpreted.refine_aggregate_fused
     monkeypatch.setattr(interpreted, 'refine_aggregate_fused', lambda *a, **k: calls.append(1) or original(*a, **k))

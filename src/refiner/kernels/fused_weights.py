@@ -26,7 +26,8 @@ from typing import Callable, NamedTuple, Optional, Tuple
 import torch
 from torch import nn
 
-__all__ = ['FusedWeights', 'cached_fusion', 'forget_fusion', 'fusable_form', 'fuse_module', 'pad_heads']
+__all__ = ['FusedWeights', 'cached_fusion', 'dispatch_variant', 'forget_fusion', 'fusable_form', 'fuse_module',
+           'pad_heads']
 
 Tensor = torch.Tensor
 EXPAND_CHUNK = 16  # expanded maps per matrix product in the kernel (tl.dot needs >= 16 rows)
@@ -55,6 +56,18 @@ def fusable_form(refine: nn.Module) -> Optional[str]:
     if refine.conv is not None:
         return 'linear' if refine.conv.groups == 1 else None
     return 'activated' if refine.activated else 'linear'
+
+
+def dispatch_variant(refine: nn.Module) -> Optional[str]:
+    """What the eager chain this kernel would replace looks like, the key of the dispatch table
+    (``triton_refinement.FUSED_PREFERRED``): 'activated' (BatchNorms unfolded), 'activated_reparameterized',
+    'linear' (three stages) or 'conv' (one dense convolution); None where no fused kernel serves it."""
+    form = fusable_form(refine)
+    if form == 'activated':
+        return 'activated_reparameterized' if refine.reparameterized else 'activated'
+    if form == 'linear':
+        return 'conv' if refine.conv is not None else 'linear'
+    return None
 
 
 def _padded(t: Tensor, shape, dtype: torch.dtype) -> Tensor:

@@ -19,7 +19,7 @@ import torch
 from . import triton_refinement as T
 from .fused_weights import FusedWeights, pad_heads
 
-__all__ = ['compile_for_target', 'launch_arguments', 'sass_loops']
+__all__ = ['compile_for_target', 'compile_kernel', 'launch_arguments', 'sass_loops']
 
 
 def _tool(name: str) -> Optional[str]:
@@ -56,19 +56,16 @@ def launch_arguments(form: str, dtype: torch.dtype, heads: int = 12, expanded_he
     return T._linear_kernel, (attn, v, out, *w.tensors, *sizes), common
 
 
-def compile_for_target(capability: int, dtype: torch.dtype = torch.bfloat16, form: str = 'activated',
-                       num_warps: Optional[int] = None, num_stages: Optional[int] = None, specialise: bool = True,
-                       **shape) -> Dict[str, Any]:
-    """Compile the ``form`` kernel for an NVIDIA GPU of this compute capability (90: H100/H200, 80:
-    A100), no GPU needed, for maps and v of ``dtype`` at ``shape`` (:func:`launch_arguments`'
-    keywords; default Refiner-ViT-S's), specialised as a launch would be (``specialise``). Returns
-    registers per thread, stack (spill) bytes, shared memory, and the SASS and PTX texts (None
-    where the CUDA tools are missing)."""
+def compile_kernel(kernel, args: tuple, constants: dict, capability: int, num_warps: int, num_stages: int,
+                   specialise: bool = True) -> Dict[str, Any]:
+    """Compile a Triton kernel for ``capability`` with these launch arguments and constexprs,
+    specialised as a launch would be (``specialise``). Returns registers per thread, stack (spill)
+    bytes, shared memory, the arguments specialised to 1 or marked divisible by 16, and the PTX
+    and SASS texts (registers, spills and SASS None where the CUDA tools are missing)."""
     import triton
     from triton._C.libtriton import native_specialize_impl
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
-    kernel, args, constants = launch_arguments(form, dtype, **shape)
     names = kernel.arg_names
     signature, constexprs, attrs, unit, divisible = {}, {}, {}, [], []
     for i, (name, arg) in enumerate(zip(names, args)):
@@ -83,18 +80,14 @@ def compile_for_target(capability: int, dtype: torch.dtype = torch.bfloat16, for
     for name, value in constants.items():
         signature[name] = 'constexpr'
         constexprs[(names.index(name),)] = value
-    warps = num_warps or T.NUM_WARPS[form]
-    stages = num_stages or T.num_stages(form, capability)
     compiled = triton.compile(triton.compiler.ASTSource(fn=kernel, signature=signature, constexprs=constexprs,
                                                         attrs=attrs),
                               target=GPUTarget('cuda', capability, 32),
-                              options={'num_warps': warps, 'num_stages': stages})
-    usage: Dict[str, Any] = {'capability': capability, 'dtype': str(dtype).replace('torch.', ''), 'form': form,
-                             'num_warps': warps, 'num_stages': stages, 'unit_arguments': unit,
-                             'divisible_arguments': divisible,
-                             'registers': None, 'stack_bytes': None,
-                             'shared_bytes': compiled.metadata.shared, 'cubin_bytes': len(compiled.asm['cubin']),
-                             'ptx': compiled.asm['ptx'], 'sass': None}
+                              options={'num_warps': num_warps, 'num_stages': num_stages})
+    usage: Dict[str, Any] = {'capability': capability, 'num_warps': num_warps, 'num_stages': num_stages,
+                             'unit_arguments': unit, 'divisible_arguments': divisible, 'registers': None,
+                             'stack_bytes': None, 'shared_bytes': compiled.metadata.shared,
+                             'cubin_bytes': len(compiled.asm['cubin']), 'ptx': compiled.asm['ptx'], 'sass': None}
     cuobjdump = _tool('cuobjdump')
     if cuobjdump:
         with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
@@ -105,6 +98,19 @@ def compile_for_target(capability: int, dtype: torch.dtype = torch.bfloat16, for
         found = re.search(r'REG:(\d+) STACK:(\d+)', report)
         if found:
             usage['registers'], usage['stack_bytes'] = int(found.group(1)), int(found.group(2))
+    return usage
+
+
+def compile_for_target(capability: int, dtype: torch.dtype = torch.bfloat16, form: str = 'activated',
+                       num_warps: Optional[int] = None, num_stages: Optional[int] = None, specialise: bool = True,
+                       **shape) -> Dict[str, Any]:
+    """Compile the ``form`` kernel for an NVIDIA GPU of this compute capability (90: H100/H200, 80:
+    A100), no GPU needed, for maps and v of ``dtype`` at ``shape`` (:func:`launch_arguments`'
+    keywords; default Refiner-ViT-S's), specialised as a launch would be (:func:`compile_kernel`)."""
+    kernel, args, constants = launch_arguments(form, dtype, **shape)
+    usage = compile_kernel(kernel, args, constants, capability, num_warps or T.NUM_WARPS[form],
+                           num_stages or T.num_stages(form, capability), specialise)
+    usage.update(dtype=str(dtype).replace('torch.', ''), form=form)
     return usage
 
 

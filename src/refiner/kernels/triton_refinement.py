@@ -43,7 +43,7 @@ try:
 except ImportError:  # the optional 'gpu' extra
     triton = tl = None
 
-__all__ = ['FUSED_PREFERRED', 'dot_dtype', 'fused_preferred', 'launch_plan', 'refine_aggregate_fused',
+__all__ = ['FUSED_PREFERRED', 'dot_dtype', 'fused_preferred', 'launch_plan', 'num_stages', 'refine_aggregate_fused',
            'triton_available']
 
 Tensor = torch.Tensor
@@ -63,18 +63,26 @@ def num_stages(form: str, capability: int) -> int:
     return 1 if form == 'activated' and capability >= 90 else 2
 
 
-# where the fused kernel is taken over the eager kernels, by form: what scripts/gpu_cost.py's
-# estimate says (docs/gpu.md), until scripts/gpu_check.py measures it on a GPU
-FUSED_PREFERRED = {'activated': True, 'linear': True}
+# where the fused kernel is taken over the eager kernels: by compute capability (the nearest one at or
+# below the GPU's; 90 above) and by the eager chain it replaces (fused_weights.dispatch_variant); from
+# scripts/gpu_cost.py's estimates at Refiner-ViT-S/L shapes (docs/gpu.md), until gpu_check.py measures
+FUSED_PREFERRED = {
+    90: {'activated': True, 'activated_reparameterized': False, 'linear': True, 'conv': False},
+    80: {'activated': True, 'activated_reparameterized': True, 'linear': True, 'conv': False},
+}
 
 
 def triton_available() -> bool:
     return triton is not None
 
 
-def fused_preferred(form: str, attn: Tensor) -> bool:
-    """Whether a refinement of this form takes the fused kernel for these maps (else the eager kernels)."""
-    return FUSED_PREFERRED.get(form, False)
+def fused_preferred(variant: str, attn: Tensor) -> bool:
+    """Whether a refinement of this variant (:func:`~refiner.kernels.fused_weights.dispatch_variant`)
+    takes the fused kernel for these maps, else the eager kernels (maps off CUDA, under Triton's
+    interpreter in tests: as on sm_90)."""
+    major, minor = torch.cuda.get_device_capability(attn.device) if attn.is_cuda else (9, 0)
+    known = [c for c in sorted(FUSED_PREFERRED) if c <= 10 * major + minor] or [min(FUSED_PREFERRED)]
+    return FUSED_PREFERRED[known[-1]].get(variant, False)
 
 
 def dot_dtype(attn: Tensor, v: Tensor) -> torch.dtype:

@@ -29,7 +29,7 @@ from ..kernels import (
     use_kernels,
 )
 from ..kernels.dispatch import dropout_active, statistics_training
-from ..kernels.fused_weights import cached_fusion, forget_fusion, fusable_form
+from ..kernels.fused_weights import cached_fusion, dispatch_variant, forget_fusion
 from .dla import DistributedLocalAttention
 from .norm import BatchNorm2d, batchnorm_affine
 
@@ -192,10 +192,11 @@ class RefinedAttention(nn.Module):
             # to update) is the reference code's; a query-grid kernel couples all rows
             forget_fusion(self)  # a mode change: fold again when back in eval
             return None
-        form = fusable_form(refine)
-        if attn.device.type in FUSED_DEVICES and form is not None:
+        variant = dispatch_variant(refine)
+        if attn.device.type in FUSED_DEVICES and variant is not None:
             from ..kernels import triton_refinement as fused  # imports triton
-            if fused.triton_available() and fused.fused_preferred(form, attn):
+            # where scripts/gpu_cost.py's estimate says the fused kernel beats the eager chain it replaces
+            if fused.triton_available() and fused.fused_preferred(variant, attn):
                 # one kernel; neither the expanded nor the refined maps reach GPU memory
                 weights = cached_fusion(self, refine, norm, self._refined_affine, fused.dot_dtype(attn, v),
                                         (self.refine_scale,))
