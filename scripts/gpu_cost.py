@@ -1,7 +1,7 @@
 """An ESTIMATE, without a GPU, of the fused refinement's time per refining block and image against the eager chain's.
 
     PYTHONPATH=src python scripts/gpu_cost.py                  # S/M/L, bf16, sm_90 and sm_80: a table
-    PYTHONPATH=src python scripts/gpu_cost.py --json cost.json --baseline-ref 1218905
+    PYTHONPATH=src python scripts/gpu_cost.py --json cost.json [--baseline-ref REV]
 
 The fused kernel is compiled for each target as the runtime would specialise it
 (:mod:`refiner.kernels.triton_compile`); its SASS is cut into loops, and the instructions of each
@@ -173,7 +173,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--json', help='also write the figures here')
     p.add_argument('--baseline-ref', default=None,
-                   help='a git revision whose kernel to count the same way (1218905: before the rewrite)')
+                   help='a git revision whose kernel to count the same way (e.g. one before the kernel changed)')
     p.add_argument('--models', nargs='+', default=list(MODELS))
     args = p.parse_args()
     rows = []
