@@ -72,6 +72,7 @@ def run(arm: str, name: str, folder: Path, seed: int, out: Path) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     p.add_argument('--datasets', nargs='+', default=list(DATASETS), choices=list(DATASETS))
+    p.add_argument('--arms', nargs='+', default=list(ARMS), choices=list(ARMS), help='in this order')
     p.add_argument('--seeds', type=int, nargs='+', default=[0])
     p.add_argument('--out', type=Path, default=Path('runs/derived-defaults'))
     p.add_argument('--json', type=Path, help='write the results here (default: OUT/derived_defaults.json)')
@@ -80,7 +81,7 @@ def main() -> None:
     for name in args.datasets:
         folder = write_folder(name, args.out / 'data')
         for seed in args.seeds:
-            for arm in ARMS:
+            for arm in args.arms:
                 summary = run(arm, name, folder, seed, args.out / f'{name}-{arm}-s{seed}')
                 results.setdefault(name, {}).setdefault(arm, []).append(
                     {'seed': seed, 'top1': summary['top1'], 'ema_top1': summary.get('ema_top1'),
@@ -88,10 +89,10 @@ def main() -> None:
     target = args.json or args.out / 'derived_defaults.json'
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(json.dumps({'datasets': {k: DATASETS[k] for k in results}, 'results': results}, indent=2) + '\n')
-    print('| dataset | epochs | ' + ' | '.join(ARMS) + ' |\n|' + ' --- |' * (len(ARMS) + 2))
+    print('| dataset | epochs | ' + ' | '.join(args.arms) + ' |\n|' + ' --- |' * (len(args.arms) + 2))
     for name, arms in results.items():
         cells = []
-        for arm in ARMS:
+        for arm in args.arms:
             top1 = [r['top1'] for r in arms[arm]]
             spread = f' ± {statistics.stdev(top1):.2f}' if len(top1) > 1 else ''
             cells.append(f'{statistics.mean(top1):.2f}{spread} (n={len(top1)})')

@@ -6,19 +6,26 @@
 2. the kernels against the reference code on CUDA, a model cast to float64, float32, bfloat16 and
    float16: outputs and gradients;
 3. the fused Triton refinement (inference) against the reference code, Refiner-ViT-S shapes, as
-   built and re-parameterized, in float32, bfloat16 and float16, and that it did run;
+   built and re-parameterized, in float32, bfloat16 and float16, and that it did run (every form
+   forced onto it, whatever the dispatch table says);
+   then one refining block at Refiner-ViT-S's shape in bf16, batch 64: the fused kernel against the
+   eager kernels and the reference code, per form (as built, folded, linear, one convolution):
+   time (CUDA events, median of 20) and peak memory above the inputs, and whether the measurement
+   agrees with the cost model's dispatch table (``block_fused_vs_eager``);
 4. a training step of Refiner-ViT-S under bf16 autocast and one of the model cast to bf16
    (finite loss and gradients);
 5. ``refiner bench``: Refiner-ViT-S against timm's deit_small_patch16_224 (SDPA attention),
    batch 64 and 128, alternating fresh processes, peak memory: inference in bfloat16 with the
-   kernels (the fused refinement), without them (the reference code) and under torch.compile;
-   training under bf16 autocast, eager and compiled.
+   kernels (re-parameterized: the eager refinement on sm_90; unfolded: the fused one), without
+   them (the reference code), and under torch.compile where asked; training under bf16 autocast.
 
 ``--smoke`` runs every part at toy sizes (refiner_vit_nano, 32 px, one step), on a CPU too (where
 part 3 is skipped): a check that the script itself works, not a measurement.
 """
 import argparse
+import contextlib
 import copy
+import functools
 import json
 import sys
 import time
@@ -67,6 +74,20 @@ def kernels_vs_reference(dtype, device, name, size):
     return {'output_rel_diff': rel(o1, o2), 'max_grad_rel_diff': grad_err, 'dtype': str(o1.dtype)}
 
 
+@contextlib.contextmanager
+def forced_fused():
+    """Every form takes the fused kernel on CUDA, whatever the cost model's dispatch table says."""
+    import refiner.kernels.triton_refinement as fused
+    saved = copy.deepcopy(fused.FUSED_PREFERRED)
+    for table in fused.FUSED_PREFERRED.values():
+        table.update(dict.fromkeys(table, True))
+    try:
+        yield
+    finally:
+        fused.FUSED_PREFERRED.clear()
+        fused.FUSED_PREFERRED.update(saved)
+
+
 def fused_vs_reference(dtype, device, name, size, batch):
     """Inference with the kernels (on CUDA: the fused Triton refinement) against the reference code,
     as built and re-parameterized; counts the fused kernel's calls."""
@@ -86,7 +107,7 @@ def fused_vs_reference(dtype, device, name, size, batch):
     res = {}
     fused.refine_aggregate_fused = counted
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), forced_fused():
             expected = ref(x)
             res['rel_diff'] = rel(model(x), expected)
             res['reparameterized_rel_diff'] = rel(timm.utils.reparameterize_model(model)(x), expected)
@@ -94,6 +115,71 @@ def fused_vs_reference(dtype, device, name, size, batch):
         fused.refine_aggregate_fused = original
     res['fused_calls'] = len(calls)
     return res
+
+
+def _time_ms(fn, steps=20):
+    """Median time of fn() in ms (CUDA events) and its peak memory above what was allocated before, MB."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2], (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
+def block_fused_vs_eager(device, batch=64, tokens=197, heads=12, head_dim=32):
+    """One refining block of Refiner-ViT-S in bf16: R @ v by the fused kernel, the eager kernels and
+    the reference code, for each eager variant the dispatch table names; per image µs and peak MB."""
+    from refiner.kernels import triton_refinement as fused
+    from refiner.kernels.fused_weights import dispatch_variant
+    from refiner.layers import DistributedLocalAttention, RefinedAttention
+    from refiner.layers import attention as attention_module
+    g = torch.Generator(device=device).manual_seed(0)
+    attn = torch.randn(batch, heads, tokens, tokens, device=device, generator=g).softmax(-1).bfloat16()
+    v = torch.randn(batch, heads, tokens, head_dim, device=device, generator=g).bfloat16()
+    rows = []
+    for mode, folded in (('inverted_residual', False), ('inverted_residual', True), ('linear', False),
+                         ('linear', True)):
+        torch.manual_seed(0)
+        dla = DistributedLocalAttention(heads, 3, 3, mode=mode)
+        layer = randomise(RefinedAttention(heads * head_dim, heads, reuse_attn=True, refine=dla,
+                                           refine_norm=mode == 'inverted_residual')).to(device, torch.bfloat16).eval()
+        if folded:
+            layer.reparameterize()
+            layer.refine.reparameterize()
+        variant = dispatch_variant(layer.refine)
+        ref = copy.deepcopy(layer)
+        set_kernels(False, ref)
+        row = {'variant': variant, 'preferred_by_cost_model': fused.fused_preferred(variant, attn)}
+        run, run_ref = functools.partial(layer._aggregate_refined, attn, v), functools.partial(ref._aggregate_refined,
+                                                                                                attn, v)
+        with torch.inference_mode():
+            expected = run_ref()
+            with forced_fused():
+                row['fused_rel_diff'] = rel(run(), expected)
+                row['fused_ms'], row['fused_mb'] = _time_ms(run)
+            saved = attention_module.FUSED_DEVICES
+            try:
+                attention_module.FUSED_DEVICES = ()  # the eager kernels
+                row['eager_kernels_ms'], row['eager_kernels_mb'] = _time_ms(run)
+            finally:
+                attention_module.FUSED_DEVICES = saved
+            row['reference_ms'], row['reference_mb'] = _time_ms(run_ref)
+        for key in ('fused', 'eager_kernels', 'reference'):
+            row[f'{key}_us_per_image'] = row[f'{key}_ms'] * 1e3 / batch
+        row['fused_wins_measured'] = row['fused_ms'] < row['eager_kernels_ms']
+        row['table_agrees'] = row['fused_wins_measured'] == row['preferred_by_cost_model']
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
 
 
 def train_step(device, name, size, batch, dtype=None):
@@ -117,6 +203,7 @@ def bench_configs(model, size, batch_sizes, device, steps, warmup, compile_batch
     configs = []
     for b in batch_sizes:
         configs.append(BenchConfig(model, 'infer', b, model_dtype='bfloat16', **common))
+        configs.append(BenchConfig(model, 'infer', b, model_dtype='bfloat16', reparameterize=False, **common))
         configs.append(BenchConfig(model, 'infer', b, model_dtype='bfloat16', kernels=False, **common))
         configs.append(BenchConfig(model, 'train', b, amp='bf16', **common))
         if b in compile_batches:
@@ -131,8 +218,9 @@ def main():
     p.add_argument('--device', default='cuda')
     p.add_argument('--rounds', type=int, default=1, help='alternating benchmark rounds (each a fresh process)')
     p.add_argument('--batch-size', type=int, nargs='+', default=[64, 128])
-    p.add_argument('--compile-batch-size', type=int, nargs='*', default=[128],
-                   help='batch sizes also measured under torch.compile (none: skip compiling)')
+    p.add_argument('--compile-batch-size', type=int, nargs='*', default=[],
+                   help='batch sizes also measured under torch.compile (default none: compiling may not fit '
+                        'the 10 minutes)')
     p.add_argument('--skip-bench', action='store_true')
     p.add_argument('--smoke', action='store_true', help='toy sizes: check that the script runs (a CPU will do)')
     args = p.parse_args()
@@ -170,6 +258,8 @@ def main():
         for dtype_name in ('float32', 'bfloat16', 'float16'):
             res[f'fused_vs_reference_{dtype_name}'] = fused_vs_reference(DTYPES[dtype_name], dev, name, size, 8)
             print(dtype_name, res[f'fused_vs_reference_{dtype_name}'], flush=True)
+        save()
+        res['block_fused_vs_eager'] = block_fused_vs_eager(dev, batch=8 if args.smoke else 64)
     else:
         res['fused_vs_reference'] = 'skipped: needs CUDA and triton'
     save()

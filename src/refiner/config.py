@@ -4,6 +4,7 @@ Every key can be set in a recipe (``--config NAME_OR_PATH``), by a plain flag fo
 (``--epochs 30``) or by ``--set key=value`` for any key (values parsed as YAML).
 """
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -228,14 +229,30 @@ def apply_overrides(base: Dict[str, Any], overrides: Dict[str, Any]) -> TrainCon
     return cfg
 
 
+_EXPONENT_NUMBER = re.compile(r'^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$')
+
+
+def yaml_number(value: Any) -> Any:
+    """A YAML value with the numbers YAML 1.1 reads as strings (``1e-3``, an exponent without a dot)
+    taken as the floats they mean, in lists and mappings too."""
+    if isinstance(value, str) and _EXPONENT_NUMBER.match(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [yaml_number(v) for v in value]
+    if isinstance(value, dict):
+        return {k: yaml_number(v) for k, v in value.items()}
+    return value
+
+
 def parse_set(items: List[str]) -> Dict[str, Any]:
-    """``key=value`` strings, values parsed as YAML (``--set ema=false --set scale=[0.5,1]``)."""
+    """``key=value`` strings, values parsed as YAML (``--set ema=false --set scale=[0.5,1]``;
+    ``--set lr=1e-3`` is the number)."""
     out = {}
     for item in items:
         key, sep, value = item.partition('=')
         if not sep or not key:
             raise ConfigError(f'--set {item!r}: expected key=value')
-        out[key.strip()] = yaml.safe_load(value)
+        out[key.strip()] = yaml_number(yaml.safe_load(value))
     return out
 
 

@@ -13,8 +13,12 @@ turns all of them on or off; the tests hold every one equal to the reference.
   :func:`release_free_heap` before the stem's burst of recomputed maps.
 
 - :mod:`refiner.kernels.triton_refinement`: on CUDA, with Triton installed, a refining block's
-  inference (raster layout, the forms with expansion, local and reduction stages) in one fused
-  kernel that never writes the expanded or refined maps to GPU memory; imported only for CUDA maps.
+  inference (raster layout; the inverted residual and the linear forms) in one fused kernel that
+  never writes the expanded or refined maps to GPU memory; imported only for CUDA maps. Its weights
+  are folded and cached by :mod:`refiner.kernels.fused_weights`; :mod:`refiner.kernels.triton_compile`
+  compiles it for a GPU target without one (``scripts/gpu_cost.py``).
+- :mod:`refiner.kernels.dispatch`: no fast path while a dropout module is active or a BatchNorm
+  trains, whatever the model's own mode (Monte-Carlo dropout, BatchNorm recalibration).
 
 Everything else (other refinement forms in training, dropout on the maps, TorchScript,
 torch.compile, torch.fx) takes the reference code.

@@ -1,34 +1,41 @@
 """A refining block's inference in one CUDA kernel (Triton): out = R @ v, the refined map R never in memory.
 
 The reference is :meth:`refiner.layers.RefinedAttention.refined_map` followed by ``@ v``, in the
-raster layout, with the refinement folded for inference (:meth:`DistributedLocalAttention.folded_chain`):
+raster layout, with the refinement folded for inference (:mod:`refiner.kernels.fused_weights`):
 
-    R = W3·act(dw_k(act(W1·A + b1)) + b2) + b3 + residual·A        (per head; act: ReLU6 or none)
+    R = W3·act(dw_k(act(W1·A + b1)) + b2) + b3 + residual·A        (per head; act: ReLU6)
 
-i.e. *attention expansion* (W1: H -> E = r·H maps), *distributed local attention* (a k×k depthwise
-convolution over each N×M map, zero-padded), *attention reduction* (W3: E -> H), with every
-BatchNorm, the refine norm and the block's ×s folded into the weights. The eager chain writes the
-E expanded maps three times and the H refined maps once per block, (3r + 4)·H maps per image with
-the input and the product; here each program holds one tile of BM query rows × BN keys of all H
-maps, and for every tap of the k×k kernel re-reads the shifted input tile (from cache) and
-recomputes the expansion in registers, E/EC chunks of EC maps at a time, so that only the input map
-A (read k² + 1 times, mostly from L1/L2), v and the output touch GPU memory. The product with v
-accumulates over key tiles as in flash attention.
+*attention expansion* (W1: H -> E = r·H maps), *distributed local attention* (a k×k depthwise
+convolution over each N×M map, zero-padded), *attention reduction* (W3: E -> H). Each program
+holds one tile of BM query rows and walks the keys BN at a time, accumulating ``R @ v`` as flash
+attention does. Per key tile (``_activated_kernel``):
+
+1. the expansion, **once**: act(W1·A + b1) of the tile and its k - 1 halo rows and columns,
+   (BM + k - 1)·(BN + k - 1) positions, PC at a time, into the program's own scratch slice
+   (E × halo positions, in the products' dtype; a few tens of KB that stay in L1/L2);
+2. the k² taps read shifted windows of that slice, then ReLU6, the reduction (a matrix product),
+   the bias, the residual and the product with v's tile.
+
+The linear form (and its re-parameterization, one dense k×k convolution) has no activation: its
+expansion, taps and reduction fold into k² H×H matrices (``_linear_kernel``), k² small products
+over shifted tiles of A and no expanded maps at all.
+
+Offsets: the sample's is 64-bit; those inside a sample are 32-bit unless a sample's maps span
+2³¹ elements or more (then a 64-bit variant). Launches are sliced so that the grid's second
+dimension stays <= 65,535 and the scratch within ``SCRATCH_BYTES``; they run on the tensors'
+device (its current stream). ReLU6 propagates NaN as PyTorch's does.
 
 Precision: products of fp32 operands follow PyTorch's ``allow_tf32`` for CUDA matmuls; half-precision
-inputs multiply in their format with float32 accumulation; the convolution, activations and
-accumulators are float32; the result is v's dtype.
-
-Inference only (no autograd); :func:`triton_available` says whether Triton imports. Set
-``TRITON_INTERPRET=1`` before importing this module to run the kernel on a CPU (the tests do).
+inputs multiply in their format with float32 accumulation; the taps, activations and accumulators
+are float32; the result is v's dtype. Inference only (no autograd); :func:`triton_available` says
+whether Triton imports; ``TRITON_INTERPRET=1`` before importing runs the kernels on a CPU (tests).
 """
-import os
-import re
-import subprocess
-import tempfile
-from typing import Any, Dict, Optional
+import contextlib
+from typing import List, Tuple
 
 import torch
+
+from .fused_weights import FusedWeights, pad_heads
 
 try:
     import triton
@@ -36,167 +43,265 @@ try:
 except ImportError:  # the optional 'gpu' extra
     triton = tl = None
 
-__all__ = ['compile_for_target', 'refine_aggregate_fused', 'triton_available']
+__all__ = ['FUSED_PREFERRED', 'dot_dtype', 'fused_preferred', 'launch_plan', 'num_stages', 'refine_aggregate_fused',
+           'triton_available']
 
 Tensor = torch.Tensor
 
 BLOCK_M = 16  # query rows per program (tl.dot needs >= 16)
 BLOCK_N = 16  # keys per step
-EXPAND_CHUNK = 16  # expanded maps held in registers at once
-MAX_LAUNCH_ELEMENTS = 2 ** 31 - 1  # the kernel's offsets are int32
-NUM_WARPS = 8  # 196 registers a thread and no spills on sm_90 (4 warps: 231; 16: spills)
+HALO_CHUNK = 64  # halo positions expanded per matrix product
+MAX_LAUNCH_ELEMENTS = 2 ** 31 - 1  # beyond this, offsets inside a sample go 64-bit
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's second dimension
+SCRATCH_BYTES = 64 << 20  # the activated kernel's scratch per launch (one slice per program)
+NUM_WARPS = {'activated': 8, 'linear': 8}  # 4 warps spill
+
+
+def num_stages(form: str, capability: int) -> int:
+    """Software pipelining depth of the loops: the activated kernel's registers are tight (no spills
+    in bf16 / fp16 with 1 stage on sm_90, 2 on sm_80); the linear one's do not depend on it."""
+    return 1 if form == 'activated' and capability >= 90 else 2
+
+
+# where the fused kernel is taken over the eager kernels: by compute capability (the nearest one at or
+# below the GPU's; 90 above) and by the eager chain it replaces (fused_weights.dispatch_variant); from
+# scripts/gpu_cost.py's estimates at Refiner-ViT-S/L shapes (docs/gpu.md), until gpu_check.py measures
+FUSED_PREFERRED = {
+    90: {'activated': True, 'activated_reparameterized': False, 'linear': True, 'conv': False},
+    80: {'activated': True, 'activated_reparameterized': True, 'linear': True, 'conv': False},
+}
 
 
 def triton_available() -> bool:
     return triton is not None
 
 
-def _pow2(n: int, least: int = 16) -> int:
-    return max(least, 1 << (int(n) - 1).bit_length())
+def fused_preferred(variant: str, attn: Tensor) -> bool:
+    """Whether a refinement of this variant (:func:`~refiner.kernels.fused_weights.dispatch_variant`)
+    takes the fused kernel for these maps, else the eager kernels (maps off CUDA, under Triton's
+    interpreter in tests: as on sm_90)."""
+    major, minor = torch.cuda.get_device_capability(attn.device) if attn.is_cuda else (9, 0)
+    known = [c for c in sorted(FUSED_PREFERRED) if c <= 10 * major + minor] or [min(FUSED_PREFERRED)]
+    return FUSED_PREFERRED[known[-1]].get(variant, False)
+
+
+def dot_dtype(attn: Tensor, v: Tensor) -> torch.dtype:
+    """The dtype of the kernel's products: half precision where either operand is (under autocast the
+    maps are float32 and v bf16), else float32."""
+    half = [t.dtype for t in (v, attn) if t.dtype in (torch.float16, torch.bfloat16)]
+    return half[0] if half else torch.float32
 
 
 if triton is not None:
     @triton.jit
-    def _refine_aggregate_kernel(
-            A, V, OUT, W1, B1, W2, B2, W3, B3, RES,
+    def _wide(x, WIDE: tl.constexpr):
+        """Indices as offsets: 64-bit where a sample's maps are too large for 32."""
+        if WIDE:
+            return x.to(tl.int64)
+        return x
+
+    @triton.jit
+    def _relu6(x):
+        return tl.clamp(x, 0., 6., propagate_nan=tl.PropagateNan.ALL)  # NaN in, NaN out (as torch's hardtanh)
+
+    @triton.jit
+    def _aggregate(acc, refined, V, b, n0, M, D, s_vb, s_vh, s_vm, s_vd, heads, head_ok, dims, HP: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr):
+        """acc (HP, BM, DP) += refined (HP, BM·BN) @ v[keys n0..n0 + BN] (HP, BN, DP)."""
+        keys = n0 + tl.arange(0, BN)
+        v = tl.load(V + b * s_vb + _wide(heads, WIDE)[:, None, None] * s_vh + _wide(keys, WIDE)[None, :, None] * s_vm
+                    + dims[None, None, :] * s_vd,
+                    mask=head_ok[:, None, None] & (keys < M)[None, :, None] & (dims < D)[None, None, :], other=0.)
+        return acc + tl.dot(tl.reshape(refined, (HP, BM, BN)).to(v.dtype), v, input_precision=PRECISION)
+
+    @triton.jit
+    def _store(OUT, acc, b, m0, N, D, s_ob, s_oh, s_on, s_od, heads, head_ok, dims, BM: tl.constexpr,
+               WIDE: tl.constexpr):
+        rows = m0 + tl.arange(0, BM)
+        tl.store(OUT + b * s_ob + _wide(heads, WIDE)[:, None, None] * s_oh + _wide(rows, WIDE)[None, :, None] * s_on
+                 + dims[None, None, :] * s_od, acc.to(OUT.dtype.element_ty),
+                 mask=head_ok[:, None, None] & (rows < N)[None, :, None] & (dims < D)[None, None, :])
+
+    @triton.jit
+    def _activated_kernel(
+            A, V, OUT, SCR, W1, B1, W2, B2, W3, B3, RES,
             N, M, H, D,
             s_ab, s_ah, s_an, s_am, s_vb, s_vh, s_vm, s_vd, s_ob, s_oh, s_on, s_od,
             E_CHUNKS: tl.constexpr, HP: tl.constexpr, EC: tl.constexpr, DP: tl.constexpr, K: tl.constexpr,
-            BM: tl.constexpr, BN: tl.constexpr, ACTIVATED: tl.constexpr, PRECISION: tl.constexpr):
-        m0 = tl.program_id(0) * BM
-        b = tl.program_id(1)
+            BM: tl.constexpr, BN: tl.constexpr, PC: tl.constexpr, WIDE: tl.constexpr, PRECISION: tl.constexpr):
         PAD: tl.constexpr = K // 2
+        HN: tl.constexpr = BN + 2 * PAD  # halo tile: (BM + 2·PAD) rows × HN keys, row-major
+        HALO: tl.constexpr = (BM + 2 * PAD) * HN
+        NPC: tl.constexpr = (HALO + PC - 1) // PC
+        HALO_P: tl.constexpr = NPC * PC  # scratch positions per expanded map
         EP: tl.constexpr = E_CHUNKS * EC
+        tile = tl.program_id(0)
+        b = tl.program_id(1).to(tl.int64)
+        m0 = tile * BM
+        scr = SCR + (b * tl.num_programs(0) + tile) * (EP * HALO_P)  # this program's (EP, HALO_P) slice
         heads = tl.arange(0, HP)
-        pos = tl.arange(0, BM * BN)  # a tile's positions, row-major: query row pos // BN, key pos % BN
-        rows = m0 + pos // BN
+        head_ok = heads < H
         chans = tl.arange(0, EC)
         dims = tl.arange(0, DP)
-        head_ok = heads < H
-        a_ptr = A + b * s_ab + heads[:, None] * s_ah  # (HP, 1)
-        acc = tl.zeros((HP, BM, DP), dtype=tl.float32)  # out rows m0.., all heads
+        pos = tl.arange(0, BM * BN)  # the tile's positions, row-major: query row pos // BN, key pos % BN
+        a_ptr = A + b * s_ab + _wide(heads, WIDE)[:, None] * s_ah  # (HP, 1)
+        window = (pos // BN) * HN + pos % BN  # a position's top-left tap in the halo tile
+        acc = tl.zeros((HP, BM, DP), dtype=tl.float32)
         for n0 in range(0, M, BN):
-            cols = n0 + pos % BN
-            reduced = tl.zeros((HP, BM * BN), dtype=tl.float32)  # W3·u of this tile
+            # 1. act(W1·A + b1) over the halo tile, once, zero outside the map (the convolution's padding)
+            for pc in range(NPC):  # a loop; the chunks of expanded maps unrolled
+                p = pc * PC + tl.arange(0, PC)
+                r = m0 - PAD + p // HN
+                q = n0 - PAD + p % HN
+                inside = (p < HALO) & (r >= 0) & (r < N) & (q >= 0) & (q < M)
+                a = tl.load(a_ptr + _wide(r, WIDE)[None, :] * s_an + _wide(q, WIDE)[None, :] * s_am,
+                            mask=head_ok[:, None] & inside[None, :], other=0.)  # (HP, PC)
+                a = a.to(W1.dtype.element_ty)
+                for c in tl.static_range(E_CHUNKS):
+                    e = c * EC + chans
+                    w1 = tl.load(W1 + e[:, None] * HP + heads[None, :])  # (EC, HP)
+                    x = _relu6(tl.dot(w1, a, input_precision=PRECISION) + tl.load(B1 + e)[:, None])  # (EC, PC)
+                    x = tl.where(inside[None, :], x, 0.)
+                    tl.store(scr + p[None, :] * EP + e[:, None], x.to(SCR.dtype.element_ty))  # channels-last
+            tl.debug_barrier()  # the slice is written: every thread of the program may read it
+            # 2. the k² taps over shifted windows, ReLU6, the reduction W3 (EC maps at a time)
+            reduced = tl.zeros((HP, BM * BN), dtype=tl.float32)
             for c in range(E_CHUNKS):
                 e = c * EC + chans
-                w1 = tl.load(W1 + e[:, None] * HP + heads[None, :])  # (EC, HP), zero-padded on the host
-                b1 = tl.load(B1 + e)
-                local = tl.zeros((EC, BM * BN), dtype=tl.float32)  # dw_k(act(W1·A + b1)) of the tile
-                for t in range(K * K):
-                    r = rows + (t // K - PAD)
-                    q = cols + (t % K - PAD)
-                    inside = (r >= 0) & (r < N) & (q >= 0) & (q < M)
-                    a = tl.load(a_ptr + r[None, :] * s_an + q[None, :] * s_am, mask=head_ok[:, None] & inside[None, :],
-                                other=0.)  # (HP, BM·BN): A shifted by this tap
-                    x = tl.dot(w1, a.to(w1.dtype), input_precision=PRECISION) + b1[:, None]  # (EC, BM·BN)
-                    if ACTIVATED:
-                        x = tl.minimum(tl.maximum(x, 0.), 6.)
-                    x = tl.where(inside[None, :], x, 0.)  # the convolution's zero padding
-                    local += tl.load(W2 + e * (K * K) + t)[:, None] * x
-                local += tl.load(B2 + e)[:, None]
-                if ACTIVATED:
-                    local = tl.minimum(tl.maximum(local, 0.), 6.)
+                local = tl.zeros((EC, BM * BN), dtype=tl.float32)
+                for t in tl.static_range(K * K):  # unrolled
+                    x = tl.load(scr + (window + (t // K) * HN + t % K)[None, :] * EP + e[:, None])  # (EC, BM·BN)
+                    local += tl.load(W2 + e * (K * K) + t)[:, None] * x.to(tl.float32)
+                local = _relu6(local + tl.load(B2 + e)[:, None])
                 w3 = tl.load(W3 + heads[:, None] * EP + e[None, :])  # (HP, EC)
                 reduced += tl.dot(w3, local.to(w3.dtype), input_precision=PRECISION)
-            centre = tl.load(a_ptr + rows[None, :] * s_an + cols[None, :] * s_am,
+            tl.debug_barrier()  # read before the next key tile overwrites the slice
+            rows = m0 + pos // BN
+            cols = n0 + pos % BN
+            centre = tl.load(a_ptr + _wide(rows, WIDE)[None, :] * s_an + _wide(cols, WIDE)[None, :] * s_am,
                              mask=head_ok[:, None] & (rows < N)[None, :] & (cols < M)[None, :], other=0.)
             refined = reduced + tl.load(B3 + heads)[:, None] + tl.load(RES + heads)[:, None] * centre.to(tl.float32)
-            keys = n0 + tl.arange(0, BN)
-            v = tl.load(V + b * s_vb + heads[:, None, None] * s_vh + keys[None, :, None] * s_vm
-                        + dims[None, None, :] * s_vd,
-                        mask=head_ok[:, None, None] & (keys < M)[None, :, None] & (dims < D)[None, None, :],
-                        other=0.)  # (HP, BN, DP)
-            refined = tl.reshape(refined, (HP, BM, BN))
-            acc += tl.dot(refined.to(v.dtype), v, input_precision=PRECISION)
-        out_rows = m0 + tl.arange(0, BM)
-        tl.store(OUT + b * s_ob + heads[:, None, None] * s_oh + out_rows[None, :, None] * s_on
-                 + dims[None, None, :] * s_od, acc.to(OUT.dtype.element_ty),
-                 mask=head_ok[:, None, None] & (out_rows < N)[None, :, None] & (dims < D)[None, None, :])
+            acc = _aggregate(acc, refined, V, b, n0, M, D, s_vb, s_vh, s_vm, s_vd, heads, head_ok, dims, HP, BM, BN,
+                             WIDE, PRECISION)
+        _store(OUT, acc, b, m0, N, D, s_ob, s_oh, s_on, s_od, heads, head_ok, dims, BM, WIDE)
+
+    @triton.jit
+    def _linear_kernel(
+            A, V, OUT, TAPS, TAP_BIAS, BIAS, RES,
+            N, M, H, D,
+            s_ab, s_ah, s_an, s_am, s_vb, s_vh, s_vm, s_vd, s_ob, s_oh, s_on, s_od,
+            HP: tl.constexpr, DP: tl.constexpr, K: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+            WIDE: tl.constexpr, PRECISION: tl.constexpr):
+        PAD: tl.constexpr = K // 2
+        m0 = tl.program_id(0) * BM
+        b = tl.program_id(1).to(tl.int64)
+        heads = tl.arange(0, HP)
+        head_ok = heads < H
+        dims = tl.arange(0, DP)
+        pos = tl.arange(0, BM * BN)
+        rows = m0 + pos // BN
+        a_ptr = A + b * s_ab + _wide(heads, WIDE)[:, None] * s_ah  # (HP, 1)
+        acc = tl.zeros((HP, BM, DP), dtype=tl.float32)
+        for n0 in range(0, M, BN):
+            cols = n0 + pos % BN
+            refined = tl.zeros((HP, BM * BN), dtype=tl.float32)
+            for t in range(K * K):  # R += T_t·shift_t(A) + [inside]·c_t
+                r = rows + (t // K - PAD)
+                q = cols + (t % K - PAD)
+                inside = (r >= 0) & (r < N) & (q >= 0) & (q < M)
+                a = tl.load(a_ptr + _wide(r, WIDE)[None, :] * s_an + _wide(q, WIDE)[None, :] * s_am,
+                            mask=head_ok[:, None] & inside[None, :], other=0.)  # (HP, BM·BN)
+                taps = tl.load(TAPS + t * HP * HP + heads[:, None] * HP + heads[None, :])  # (HP, HP)
+                refined += tl.dot(taps, a.to(taps.dtype), input_precision=PRECISION)
+                refined += tl.load(TAP_BIAS + t * HP + heads)[:, None] * inside.to(tl.float32)[None, :]
+            centre = tl.load(a_ptr + _wide(rows, WIDE)[None, :] * s_an + _wide(cols, WIDE)[None, :] * s_am,
+                             mask=head_ok[:, None] & (rows < N)[None, :] & (cols < M)[None, :], other=0.)
+            refined += tl.load(BIAS + heads)[:, None] + tl.load(RES + heads)[:, None] * centre.to(tl.float32)
+            acc = _aggregate(acc, refined, V, b, n0, M, D, s_vb, s_vh, s_vm, s_vd, heads, head_ok, dims, HP, BM, BN,
+                             WIDE, PRECISION)
+        _store(OUT, acc, b, m0, N, D, s_ob, s_oh, s_on, s_od, heads, head_ok, dims, BM, WIDE)
 
 
-def _padded(t: Tensor, shape, dtype: torch.dtype) -> Tensor:
-    out = torch.zeros(shape, dtype=dtype, device=t.device)
-    out[tuple(slice(0, n) for n in t.shape)] = t
-    return out
+def halo_positions(kernel_size: int) -> int:
+    """Scratch positions per expanded map of one program (the halo tile, padded to whole chunks)."""
+    halo = (BLOCK_M + kernel_size - 1) * (BLOCK_N + kernel_size - 1)
+    return -(-halo // HALO_CHUNK) * HALO_CHUNK
 
 
-def refine_aggregate_fused(attn: Tensor, v: Tensor, expand_weight: Tensor, expand_bias: Tensor, local_weight: Tensor,
-                           local_bias: Tensor, reduce_weight: Tensor, reduce_bias: Tensor, residual: Tensor,
-                           activated: bool = True, precision: Optional[str] = None) -> Tensor:
-    """``R @ v`` with R = W3·act(dw(act(W1·attn + b1)) + b2) + b3 + residual·attn, attn (B, H, N, M),
-    v (B, H, M, d), weights as :class:`~refiner.layers.dla.FoldedChain` holds them (raster layout).
-    Returns (B, H, N, d) in v's dtype. ``precision``: of fp32 products ('ieee' or 'tf32'; default:
-    PyTorch's ``torch.backends.cuda.matmul.allow_tf32``)."""
+def _extent(t: Tensor, reach: Tuple[int, ...]) -> int:
+    """The largest offset inside one sample the kernel computes for t: index reach[i] along dim i + 1."""
+    return sum(r * s for r, s in zip(reach, t.stride()[1:]))
+
+
+def launch_plan(attn: Tensor, v: Tensor, out: Tensor, kernel_size: int, scratch_per_sample: int
+                ) -> Tuple[bool, List[Tuple[int, int]]]:
+    """(wide, slices): whether offsets inside a sample need 64 bits, and the [i, j) batch slices of
+    the launches (each <= MAX_GRID_Y samples, with its scratch within SCRATCH_BYTES)."""
+    B, H, N, M = attn.shape
+    pad, HP, DP = kernel_size // 2, pad_heads(H), pad_heads(v.shape[-1])
+    n_pad, m_pad = -(-N // BLOCK_M) * BLOCK_M, -(-M // BLOCK_N) * BLOCK_N
+    # indices reach the padded tiles and the halo (masked, but their offsets are still computed)
+    reach = max(_extent(attn, (HP - 1, n_pad + pad - 1, m_pad + pad - 1)),
+                _extent(v, (HP - 1, m_pad - 1, DP - 1)), _extent(out, (HP - 1, n_pad - 1, DP - 1)))
+    wide = reach >= MAX_LAUNCH_ELEMENTS
+    step = min(MAX_GRID_Y, max(1, SCRATCH_BYTES // max(scratch_per_sample, 1)))
+    return wide, [(i, min(i + step, B)) for i in range(0, B, step)]
+
+
+def _device_guard(t: Tensor):
+    """Launch on t's GPU (and its current stream), whatever device is current."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def refine_aggregate_fused(attn: Tensor, v: Tensor, weights: FusedWeights, precision=None) -> Tensor:
+    """``R @ v`` for maps attn (B, H, N, M) and values v (B, H, M, d), R the refinement that ``weights``
+    folds (:func:`~refiner.kernels.fused_weights.fuse_module`), raster layout. Returns (B, H, N, d) in
+    v's dtype. ``precision``: of fp32 products ('ieee' or 'tf32'; default: PyTorch's
+    ``torch.backends.cuda.matmul.allow_tf32``)."""
     if triton is None:
         raise RuntimeError('the fused refinement needs triton: pip install refiner[gpu]')
+    if attn.dim() != 4 or v.dim() != 4:
+        raise ValueError(f'maps (B, H, N, M) and values (B, H, M, d) expected, got {tuple(attn.shape)} and '
+                         f'{tuple(v.shape)}')
     B, H, N, M = attn.shape
     d = v.shape[-1]
-    E, k = expand_weight.shape[0], local_weight.shape[-1]
-    if v.shape != (B, H, M, d) or expand_weight.shape[1] != H or local_weight.shape[1] != 1:
-        raise ValueError(f'maps {tuple(attn.shape)}, v {tuple(v.shape)} and expansion {tuple(expand_weight.shape)} '
+    if v.shape[:3] != (B, H, M) or weights.heads != H:
+        raise ValueError(f'maps {tuple(attn.shape)}, v {tuple(v.shape)} and a refinement of {weights.heads} heads '
                          f'do not fit a refining block')
-    HP, DP, EP = _pow2(H), _pow2(d), -(-E // EXPAND_CHUNK) * EXPAND_CHUNK
-    # products in half precision where either operand is (under autocast: float32 maps, bf16 values)
-    half = [t.dtype for t in (v, attn) if t.dtype in (torch.float16, torch.bfloat16)]
-    dot_dtype = half[0] if half else torch.float32
-    f32 = torch.float32
-    w1 = _padded(expand_weight.reshape(E, H), (EP, HP), dot_dtype)
-    w3 = _padded(reduce_weight.reshape(H, E), (HP, EP), dot_dtype)
-    w2 = _padded(local_weight.reshape(E, k * k), (EP, k * k), f32)
-    b1, b2 = _padded(expand_bias, (EP,), f32), _padded(local_bias, (EP,), f32)
-    b3, res = _padded(reduce_bias, (HP,), f32), _padded(residual, (HP,), f32)
-    result_dtype = v.dtype
-    attn, v = (t.float() if t.dtype == torch.float64 else t for t in (attn, v))  # Triton's dots stop at fp32
-    out = torch.empty(B, H, N, d, dtype=v.dtype, device=v.device)
+    if attn.dtype not in _DTYPES or v.dtype not in _DTYPES or attn.device != v.device:
+        raise ValueError(f'maps and values must be floating point on one device, got {attn.dtype} on {attn.device} '
+                         f'and {v.dtype} on {v.device}')
+    if weights.dot_dtype != dot_dtype(attn, v):
+        raise ValueError(f'weights folded for {weights.dot_dtype} products, inputs {attn.dtype} and {v.dtype}')
     if precision is None:
         precision = 'tf32' if torch.backends.cuda.matmul.allow_tf32 else 'ieee'
-    # the kernel's offsets are 32-bit: launch on slices of the batch that stay below 2^31 elements
-    per_sample = max(attn[0].numel(), v[0].numel(), out[0].numel(), max(s for s in attn.stride() + v.stride()))
-    step = max(1, MAX_LAUNCH_ELEMENTS // per_sample)
-    for i in range(0, B, step):
-        j = min(i + step, B)
-        _refine_aggregate_kernel[(triton.cdiv(N, BLOCK_M), j - i)](
-            attn[i:j], v[i:j], out[i:j], w1, b1, w2, b2, w3, b3, res, N, M, H, d,
-            *attn.stride(), *v.stride(), *out.stride(),
-            E_CHUNKS=EP // EXPAND_CHUNK, HP=HP, EC=EXPAND_CHUNK, DP=DP, K=k, BM=BLOCK_M, BN=BLOCK_N,
-            ACTIVATED=bool(activated), PRECISION=precision, num_warps=NUM_WARPS)
+    result_dtype = v.dtype
+    attn, v = (t.float() if t.dtype == torch.float64 else t for t in (attn, v))  # Triton's dots stop at fp32
+    k, HP, DP = weights.kernel_size, pad_heads(H), pad_heads(d)
+    tiles = triton.cdiv(N, BLOCK_M)
+    with _device_guard(attn):
+        out = torch.empty(B, H, N, d, dtype=v.dtype, device=v.device)
+        major, minor = torch.cuda.get_device_capability(attn.device) if attn.is_cuda else (9, 0)
+        common = dict(HP=HP, DP=DP, K=k, BM=BLOCK_M, BN=BLOCK_N, PRECISION=precision,
+                      num_warps=NUM_WARPS[weights.form], num_stages=num_stages(weights.form, 10 * major + minor))
+        if weights.form == 'activated':
+            EP = weights.tensors[0].shape[0]
+            per_program = EP * halo_positions(k)
+            wide, slices = launch_plan(attn, v, out, k, tiles * per_program * weights.dot_dtype.itemsize)
+            step = max(j - i for i, j in slices)
+            scratch = torch.empty(step * tiles * per_program, dtype=weights.dot_dtype, device=attn.device)
+            for i, j in slices:
+                _activated_kernel[(tiles, j - i)](
+                    attn[i:j], v[i:j], out[i:j], scratch, *weights.tensors, N, M, H, d,
+                    *attn.stride(), *v.stride(), *out.stride(), E_CHUNKS=EP // 16, EC=16, PC=HALO_CHUNK, WIDE=wide,
+                    **common)
+        else:
+            wide, slices = launch_plan(attn, v, out, k, 0)
+            for i, j in slices:
+                _linear_kernel[(tiles, j - i)](
+                    attn[i:j], v[i:j], out[i:j], *weights.tensors, N, M, H, d,
+                    *attn.stride(), *v.stride(), *out.stride(), WIDE=wide, **common)
     return out.to(result_dtype)
-
-
-_TRITON_DTYPES = {torch.float32: 'fp32', torch.float16: 'fp16', torch.bfloat16: 'bf16'}
-
-
-def compile_for_target(capability: int, dtype: torch.dtype = torch.bfloat16, heads: int = 12, expanded_heads: int = 36,
-                       head_dim: int = 32, kernel_size: int = 3, activated: bool = True) -> Dict[str, Any]:
-    """Compile the kernel ahead of time for an NVIDIA GPU of this compute capability (90: H100/H200,
-    80: A100), no GPU needed, for maps and v of ``dtype`` and a refinement of this shape (default:
-    Refiner-ViT-S's). Returns the compiled kernel's registers per thread, stack (spill) bytes and
-    shared memory, as the CUDA tools report them (None where the tools are missing)."""
-    if triton is None:
-        raise RuntimeError('compiling the fused refinement needs triton: pip install refiner[gpu]')
-    from triton.backends.compiler import GPUTarget
-    dot = _TRITON_DTYPES[dtype]
-    kinds = [f'*{dot}'] * 4 + ['*fp32'] * 3 + [f'*{dot}'] + ['*fp32'] * 2 + ['i32'] * 16  # A, V, O, W1, ..., sizes
-    signature = dict(zip(_refine_aggregate_kernel.arg_names, kinds))
-    constants = dict(E_CHUNKS=-(-expanded_heads // EXPAND_CHUNK), HP=_pow2(heads), EC=EXPAND_CHUNK, DP=_pow2(head_dim),
-                     K=kernel_size, BM=BLOCK_M, BN=BLOCK_N, ACTIVATED=activated,
-                     PRECISION='ieee' if dtype == torch.float32 else 'tf32')
-    signature.update({name: 'constexpr' for name in constants})
-    compiled = triton.compile(triton.compiler.ASTSource(fn=_refine_aggregate_kernel, signature=signature,
-                                                        constexprs=constants),
-                              target=GPUTarget('cuda', capability, 32), options={'num_warps': NUM_WARPS})
-    usage: Dict[str, Any] = {'capability': capability, 'dtype': str(dtype).replace('torch.', ''), 'registers': None,
-                             'stack_bytes': None, 'shared_bytes': compiled.metadata.shared,
-                             'cubin_bytes': len(compiled.asm['cubin'])}
-    from triton.backends.nvidia import compiler as nvidia
-    tool = os.path.join(os.path.dirname(nvidia.__file__), 'bin', 'cuobjdump')
-    if os.path.isfile(tool):
-        with tempfile.NamedTemporaryFile(suffix='.cubin') as f:
-            f.write(compiled.asm['cubin'])
-            f.flush()
-            report = subprocess.run([tool, '-res-usage', f.name], capture_output=True, text=True).stdout
-        found = re.search(r'REG:(\d+) STACK:(\d+)', report)
-        if found:
-            usage['registers'], usage['stack_bytes'] = int(found.group(1)), int(found.group(2))
-    return usage

@@ -28,10 +28,15 @@ from ..kernels import (
     refine_aggregate_train,
     use_kernels,
 )
+from ..kernels.dispatch import dropout_active, statistics_training
+from ..kernels.fused_weights import cached_fusion, dispatch_variant, forget_fusion
 from .dla import DistributedLocalAttention
 from .norm import BatchNorm2d, batchnorm_affine
 
 __all__ = ['RefinedAttention']
+
+# devices whose maps take the fused Triton refinement (tests add 'cpu' under Triton's interpreter)
+FUSED_DEVICES = ('cuda',)
 
 
 @register_notrace_module  # a leaf for torch.fx: its kernels branch on run-time state
@@ -147,8 +152,8 @@ class RefinedAttention(nn.Module):
 
     @torch.jit.unused
     def _kernels_apply(self, a: torch.Tensor, b: Optional[torch.Tensor]) -> bool:
-        dropout = self.attn_drop.p > 0 and self.training
-        return self.use_kernels and not dropout and kernels_apply(a, b)
+        # not the module's own flag: Monte-Carlo dropout puts an eval model's dropout back in train
+        return self.use_kernels and not dropout_active(self.attn_drop) and kernels_apply(a, b)
 
     @torch.jit.unused
     def _attention_kernel_applies(self, q: torch.Tensor, prev: Optional[torch.Tensor]) -> bool:
@@ -168,6 +173,7 @@ class RefinedAttention(nn.Module):
         refine, norm = self.refine, self.refine_norm
         assert refine is not None
         if torch.is_grad_enabled() and (attn.requires_grad or v.requires_grad or refine.training):
+            forget_fusion(self)  # weights may change from here on
             norms = self._training_kernel_norms()
             if norms is None:
                 return None
@@ -181,13 +187,20 @@ class RefinedAttention(nn.Module):
             return refine_aggregate_train(attn, v, refine.expand.weight, refine.local.weight, refine.reduce.weight,
                                           states, self.refine_scale, update, grid, refine.num_prefix_tokens)
         halo = refine.query_halo
-        if refine.training or (isinstance(norm, nn.BatchNorm2d) and norm.training) or halo is None:
-            return None  # training-mode batch statistics couple the samples; a query-grid kernel couples all rows
-        if attn.is_cuda and refine.refine_layout == 'raster' and refine.expand is not None:
-            from ..kernels.triton_refinement import refine_aggregate_fused, triton_available  # imports triton
-            if triton_available():  # one CUDA kernel; the refined maps never reach GPU memory
-                return refine_aggregate_fused(attn, v, *refine.folded_chain(*self._refined_affine()),
-                                              activated=refine.activated)
+        if statistics_training(refine, norm) or halo is None:
+            # a BatchNorm in training (recalibration under no_grad: batch statistics, running estimates
+            # to update) is the reference code's; a query-grid kernel couples all rows
+            forget_fusion(self)  # a mode change: fold again when back in eval
+            return None
+        variant = dispatch_variant(refine)
+        if attn.device.type in FUSED_DEVICES and variant is not None:
+            from ..kernels import triton_refinement as fused  # imports triton
+            # where scripts/gpu_cost.py's estimate says the fused kernel beats the eager chain it replaces
+            if fused.triton_available() and fused.fused_preferred(variant, attn):
+                # one kernel; neither the expanded nor the refined maps reach GPU memory
+                weights = cached_fusion(self, refine, norm, self._refined_affine, fused.dot_dtype(attn, v),
+                                        (self.refine_scale,))
+                return fused.refine_aggregate_fused(attn, v, weights)
         grid = None if refine.refine_layout == 'raster' else refine.resolve_grid(attn.shape[-1], grid_size)
         return refine_aggregate_eval(attn, v, lambda a: norm(refine(a, grid)), halo, refine.expanded_heads,
                                      self.refine_scale)
