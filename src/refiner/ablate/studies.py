@@ -25,7 +25,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
-from ..config import DEFAULT_MODEL, ConfigError, TrainConfig
+from ..config import DEFAULT_MODEL, ConfigError, TrainConfig, yaml_number
 
 __all__ = ['Arm', 'Study', 'AblationError', 'BuiltinArm', 'BUILTINS', 'BUILTIN_ARMS', 'DEFAULT_FRACTIONS',
            'DEFAULT_SEEDS', 'SET_PER_RUN', 'parse_arm', 'make_arm', 'load_study', 'list_studies', 'merge_overrides',
@@ -132,14 +132,6 @@ def merge_overrides(base: Dict[str, Any], overrides: Dict[str, Any],
     return out
 
 
-_FLOAT = re.compile(r'^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$')
-
-
-def _value(value: Any) -> Any:
-    """YAML reads 1e-3 as a string (it wants 1.0e-3): take it as the number it means."""
-    return float(value) if isinstance(value, str) and _FLOAT.match(value.strip()) else value
-
-
 def normalize_overrides(overrides: Any, where: str) -> Dict[str, Any]:
     """Overrides with dotted ``model_args.KEY`` entries folded into ``model_args``; every key checked."""
     if overrides is None:
@@ -153,7 +145,7 @@ def normalize_overrides(overrides: Any, where: str) -> Dict[str, Any]:
         if dot:
             if head != 'model_args' or not rest:
                 raise AblationError(f'{where}: {key!r} is not a config key (only model_args.KEY may be dotted)')
-            out.setdefault('model_args', {})[rest] = _value(value)
+            out.setdefault('model_args', {})[rest] = yaml_number(value)
             continue
         if key == 'builtin':
             if value not in BUILTIN_ARMS:
@@ -165,9 +157,9 @@ def normalize_overrides(overrides: Any, where: str) -> Dict[str, Any]:
         if key == 'model_args':
             if value is not None and not isinstance(value, dict):
                 raise AblationError(f'{where}: model_args must be a mapping, got {value!r}')
-            out['model_args'] = {**out.get('model_args', {}), **{k: _value(v) for k, v in (value or {}).items()}}
+            out['model_args'] = {**out.get('model_args', {}), **{k: yaml_number(v) for k, v in (value or {}).items()}}
         else:
-            out[key] = _value(value)
+            out[key] = yaml_number(value)
     return out
 
 
