@@ -1,5 +1,8 @@
+import gzip
+import struct
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -107,3 +110,39 @@ def trained_run(tmp_path_factory):
     cfg = _learning_cfg(epochs=5, batch_size=32, warmup_epochs=0, lr=0.08, seed=0)
     summary = train(cfg, out=str(out), progress=False)
     return out, summary
+
+
+# ------------------------------------------------------------------ tiny Fashion-MNIST files
+
+N_TRAIN, N_TEST = 60, 20  # six and two images of each class
+
+
+def _idx(array: np.ndarray) -> bytes:
+    """An IDX file's bytes: magic 0x0000TTDD (0x08: uint8), the sizes, the elements."""
+    return struct.pack('>BBBB', 0, 0, 0x08, array.ndim) + struct.pack(f'>{array.ndim}I', *array.shape) + \
+        array.astype(np.uint8).tobytes()
+
+
+def fashion_mnist_images(n: int, seed: int) -> tuple:
+    """Images whose class shows in them (a bright band at a class-dependent row) and their labels."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 10
+    images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
+    for i, c in enumerate(labels):
+        images[i, 2 + 2 * c: 4 + 2 * c] = 250
+    return images, labels
+
+
+def write_fashion_mnist(folder, gz: bool = True, n_train: int = N_TRAIN, n_test: int = N_TEST):
+    """The four Fashion-MNIST files of a tiny dataset in ``folder``; returns (train, test) label arrays."""
+    from refiner import fashion_mnist
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = {'train': fashion_mnist_images(n_train, 0), 'test': fashion_mnist_images(n_test, 1)}
+    for split, (images, labels) in splits.items():
+        for stem, array in zip(fashion_mnist.FILES[split], (images, labels)):
+            data = _idx(array)
+            if gz:
+                (folder / f'{stem}.gz').write_bytes(gzip.compress(data))
+            else:
+                (folder / stem).write_bytes(data)
+    return splits['train'][1], splits['test'][1]

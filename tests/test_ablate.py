@@ -53,7 +53,11 @@ def test_shipped_studies():
     for name in STUDIES:
         study = load_study(name)
         assert study.description and len(study.arms) >= 2
-        assert study.fractions in ([0.1, 1.0], [1.0]) and study.seeds == [0, 1, 2] and 10 <= study.epochs <= 40
+        assert study.fractions in ([0.1, 1.0], [1.0], [0.1]) and study.seeds == [0, 1, 2]
+        if name.startswith('fmnist'):  # real images: 3 full-split epochs' worth of images per run
+            assert study.base == {'data': 'fashion_mnist'} and study.epochs == 3
+            continue
+        assert 10 <= study.epochs <= 40 and study.fractions != [0.1]
         if name.startswith(('grid8', 'clutter')):
             assert study.base['img_size'] == 32  # patch 4: an 8x8 token grid
         assert study.base.get('data', 'digits') == ('digits_clutter' if name.startswith('clutter') else 'digits')
@@ -70,7 +74,7 @@ def test_every_arm_builds_at_full_size(name):
         with torch.no_grad():
             assert model(torch.zeros(2, 3, size, size)).shape == (2, 10)
         grid = size // cfg.model_args['patch_size']
-        assert grid == (8 if name.startswith(('grid8', 'clutter')) else 4)
+        assert grid == (8 if name.startswith(('grid8', 'clutter')) else 7 if name.startswith('fmnist') else 4)
         built[arm] = (cfg.model, cfg.model_args)
         if cfg.model == recipe['model']:  # the arm's model_args merge into the recipe's
             assert cfg.model_args['patch_size'] == recipe['model_args']['patch_size']
@@ -78,9 +82,16 @@ def test_every_arm_builds_at_full_size(name):
 
 
 @pytest.mark.parametrize('name', STUDIES)
-def test_study_end_to_end_and_reused(name, tmp_path, capsys):
+def test_study_end_to_end_and_reused(name, tmp_path, capsys, monkeypatch):
     out = tmp_path / name
-    tiny = TINY + ([] if name == 'blocks' else ['--set', 'model_args.depth=2'])  # blocks lists 6 blocks
+    tiny = TINY + ([] if name in ('blocks', 'fmnist_components') else ['--set', 'model_args.depth=2'])  # 6 blocks
+    if name.startswith('fmnist'):  # tiny Fashion-MNIST files where the Debian package would put them
+        from conftest import write_fashion_mnist
+
+        from refiner import fashion_mnist
+        write_fashion_mnist(tmp_path / 'fmnist', n_train=400, n_test=40)
+        monkeypatch.setattr(fashion_mnist, 'DEBIAN_DIR', tmp_path / 'fmnist')
+        tiny += ['--set', 'classes=[Trouser, Bag]']
     code, stdout, err = _ablate(capsys, '--study', name, '--out', out, *tiny)
     assert code == 0, err
     report = json.loads((out / 'ablation.json').read_text())

@@ -1,49 +1,16 @@
 """Fashion-MNIST from its IDX files, and timm's torch/... dataset specs: tiny IDX files written here
 (the Debian package is never needed), read in every layout, held out on the official test split, and
 trained, evaluated, predicted, analysed and ablated from the command line."""
-import gzip
 import json
-import struct
 
 import numpy as np
 import pytest
+from conftest import N_TEST, N_TRAIN, fashion_mnist_images, write_fashion_mnist
 from PIL import Image
 
 from refiner import fashion_mnist
 from refiner.cli import main
 from refiner.data import DataError, build_datasets
-
-N_TRAIN, N_TEST = 60, 20  # six and two images of each class
-
-
-def _idx(array: np.ndarray) -> bytes:
-    """An IDX file's bytes: magic 0x0000TTDD (0x08: uint8), the sizes, the elements."""
-    return struct.pack('>BBBB', 0, 0, 0x08, array.ndim) + struct.pack(f'>{array.ndim}I', *array.shape) + \
-        array.astype(np.uint8).tobytes()
-
-
-def _images(n: int, seed: int) -> tuple:
-    """Images whose class shows in them (a bright band at a class-dependent row) and their labels."""
-    rng = np.random.default_rng(seed)
-    labels = np.arange(n) % 10
-    images = rng.integers(0, 60, size=(n, 28, 28)).astype(np.uint8)
-    for i, c in enumerate(labels):
-        images[i, 2 + 2 * c: 4 + 2 * c] = 250
-    return images, labels
-
-
-def write_fashion_mnist(folder, gz: bool = True):
-    """The four Fashion-MNIST files of a tiny dataset in ``folder``; returns (train, test) label arrays."""
-    folder.mkdir(parents=True, exist_ok=True)
-    splits = {'train': _images(N_TRAIN, 0), 'test': _images(N_TEST, 1)}
-    for split, (images, labels) in splits.items():
-        for stem, array in zip(fashion_mnist.FILES[split], (images, labels)):
-            data = _idx(array)
-            if gz:
-                (folder / f'{stem}.gz').write_bytes(gzip.compress(data))
-            else:
-                (folder / stem).write_bytes(data)
-    return splits['train'][1], splits['test'][1]
 
 
 @pytest.fixture(scope='module')
@@ -62,7 +29,7 @@ def test_fashion_mnist_reads_every_layout_and_holds_out_the_test_files(tmp_path,
                           'Bag', 'Ankle boot']
     assert (ds.num_train, ds.num_val, ds.default_img_size) == (N_TRAIN, N_TEST, 28)
     assert ds.train.targets == train_labels.tolist() and ds.val.targets == test_labels.tolist()
-    test_images = _images(N_TEST, 1)[0]
+    test_images = fashion_mnist_images(N_TEST, 1)[0]
     img, target, _ = ds.val.load(3)
     assert np.array_equal(np.asarray(img)[..., 0], test_images[3]) and target == test_labels[3]
 
@@ -150,7 +117,7 @@ def test_fashion_mnist_end_to_end_on_the_command_line(fmnist_dir, tmp_path, caps
     report = json.loads((tmp_path / 'eval.json').read_text())
     assert report['classes'][0] == 'T-shirt/top' and report['n'] == N_TEST
 
-    Image.fromarray(_images(1, 5)[0][0]).save(tmp_path / 'shirt.png')
+    Image.fromarray(fashion_mnist_images(1, 5)[0][0]).save(tmp_path / 'shirt.png')
     assert main(['predict', str(tmp_path / 'shirt.png'), '--checkpoint', str(run), '--topk', '2']) == 0
     assert any(name in capsys.readouterr().out for name in fashion_mnist.CLASSES)
 

@@ -15,7 +15,7 @@ from refiner.kernels import handover, refinement, tiling
 from refiner.layers import DistributedLocalAttention
 from refiner.layers import attention as attention_module
 from refiner.layers import dla as dla_module
-from refiner.models import refiner_vit
+from refiner.models import blocks as refiner_vit
 
 GRADCHECK = dict(eps=1e-6, atol=1e-7, rtol=1e-5)
 # where the modules call a kernel (their names there)
