@@ -1,4 +1,5 @@
 import gzip
+import math
 import struct
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def trained_scale(model):
 FINETUNE_NANO = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)  # a tiny Refiner-ViT on 16x16 digits
 
 
-def _finetune_cfg(**kw) -> TrainConfig:
+def finetune_cfg(**kw) -> TrainConfig:
     """The default recipe, shortened; model=None: the architecture the finetune source names."""
     base = dict(load_recipe('default'), epochs=1, batch_size=32, train_fraction=0.15, warmup_epochs=0,
                 ema=False, model_args=dict(FINETUNE_NANO))
@@ -62,7 +63,7 @@ def _finetune_cfg(**kw) -> TrainConfig:
 def pretrained_run(tmp_path_factory):
     """A tiny Refiner-ViT trained on digits 0-4: the 'pretrained weights' of these tests."""
     out = tmp_path_factory.mktemp('pre') / 'run'
-    train(_finetune_cfg(classes=[0, 1, 2, 3, 4], epochs=2, train_fraction=0.5), out=str(out), progress=False)
+    train(finetune_cfg(classes=[0, 1, 2, 3, 4], epochs=2, train_fraction=0.5), out=str(out), progress=False)
     return out
 
 
@@ -73,7 +74,7 @@ FINETUNE_VIT = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)  # a tiny 
 def vit_run(tmp_path_factory):
     """A tiny timm ViT trained on all digits, and its weights as a bare timm state-dict file."""
     root = tmp_path_factory.mktemp('vit')
-    summary = train(_finetune_cfg(model='vit_tiny_patch16_224', model_args=dict(FINETUNE_VIT), epochs=2,
+    summary = train(finetune_cfg(model='vit_tiny_patch16_224', model_args=dict(FINETUNE_VIT), epochs=2,
                                   train_fraction=0.3), out=str(root / 'run'), progress=False)
     state = load_file(str(root / 'run' / 'model.safetensors'))
     torch.save({'model': {f'module.{k}': v for k, v in state.items()}}, root / 'vit.pth')  # DeiT's layout
@@ -146,3 +147,37 @@ def write_fashion_mnist(folder, gz: bool = True, n_train: int = N_TRAIN, n_test:
             else:
                 (folder / stem).write_bytes(data)
     return splits['train'][1], splits['test'][1]
+
+# ------------------------------------------------------------------ shared by several test files
+
+def tiny_refiner(**kw) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = timm.create_model('refiner_vit_nano', img_size=16, embed_dim=32, depth=4, num_heads=2,
+                              num_classes=10, **kw).eval()
+    for m in model.modules():  # non-trivial BatchNorm statistics, so that refinement changes the map
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.normal_(0, 0.1)
+    return model
+
+
+def hsic1(K, L):
+    """Song et al. (2012), eq. 5: the unbiased HSIC estimator of two n×n kernels, in float64."""
+    n = K.shape[0]
+    Kt, Lt = K.copy(), L.copy()
+    np.fill_diagonal(Kt, 0.0)
+    np.fill_diagonal(Lt, 0.0)
+    one = np.ones(n)
+    return (np.trace(Kt @ Lt) + (one @ Kt @ one) * (one @ Lt @ one) / ((n - 1) * (n - 2))
+            - 2.0 / (n - 2) * (one @ Kt @ Lt @ one)) / (n * (n - 3))
+
+
+def cka_minibatch(batches_x, batches_y):
+    """Nguyen et al. (2021): Σ HSIC1(K_i, L_i) / sqrt(Σ HSIC1(K_i, K_i) · Σ HSIC1(L_i, L_i)), linear kernels."""
+    kl = kk = ll = 0.0
+    for x, y in zip(batches_x, batches_y):
+        K, L = x @ x.T, y @ y.T
+        kl, kk, ll = kl + hsic1(K, L), kk + hsic1(K, K), ll + hsic1(L, L)
+    return kl / math.sqrt(kk * ll)

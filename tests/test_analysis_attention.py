@@ -3,6 +3,7 @@ reproduce each block, the diversity metrics, and the attention figure."""
 import pytest
 import timm
 import torch
+from conftest import tiny_refiner as _tiny_refiner
 from torch import nn
 
 import refiner  # noqa: F401  (registers refiner_vit_*)
@@ -14,19 +15,6 @@ from refiner.analysis import (
     head_similarity,
     plot_attention_grid,
 )
-
-
-def _tiny_refiner(**kw) -> nn.Module:
-    torch.manual_seed(0)
-    model = timm.create_model('refiner_vit_nano', img_size=16, embed_dim=32, depth=4, num_heads=2,
-                              num_classes=10, **kw).eval()
-    for m in model.modules():  # non-trivial BatchNorm statistics, so that refinement changes the map
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.1)
-    return model
 
 
 def _maps_and_attn_io(model, x, index):

@@ -6,6 +6,8 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import cka_minibatch as _cka_minibatch
+from conftest import tiny_refiner as _tiny_refiner
 from torch import nn
 
 import refiner  # noqa: F401  (registers refiner_vit_*)  # noqa: F401  (registers the models)
@@ -144,26 +146,6 @@ def test_minibatch_cka_cross_and_errors():
         const.compute()
 
 
-def _hsic1(K, L):
-    """Song et al. (2012), eq. 5: the unbiased HSIC estimator of two n×n kernels, in float64."""
-    n = K.shape[0]
-    Kt, Lt = K.copy(), L.copy()
-    np.fill_diagonal(Kt, 0.0)
-    np.fill_diagonal(Lt, 0.0)
-    one = np.ones(n)
-    return (np.trace(Kt @ Lt) + (one @ Kt @ one) * (one @ Lt @ one) / ((n - 1) * (n - 2))
-            - 2.0 / (n - 2) * (one @ Kt @ Lt @ one)) / (n * (n - 3))
-
-
-def _cka_minibatch(batches_x, batches_y):
-    """Nguyen et al. (2021): Σ HSIC1(K_i, L_i) / sqrt(Σ HSIC1(K_i, K_i) · Σ HSIC1(L_i, L_i)), linear kernels."""
-    kl = kk = ll = 0.0
-    for x, y in zip(batches_x, batches_y):
-        K, L = x @ x.T, y @ y.T
-        kl, kk, ll = kl + _hsic1(K, L), kk + _hsic1(K, K), ll + _hsic1(L, L)
-    return kl / math.sqrt(kk * ll)
-
-
 def test_minibatch_cka_is_the_unbiased_hsic_formula():
     """One batch, then two, within one model and across two: to 1e-12. A biased estimator (kernel
     diagonals kept) differs by about 0.02 here and fails."""
@@ -194,19 +176,6 @@ def test_normalised_curve_and_depth_reading():
     assert norm[1] == pytest.approx(0.25)
     assert curve_at(norm, 0.5) == pytest.approx((0.25 + 0.75) / 2)
     assert all(math.isnan(v) for v in normalised_curve([1.0, 1.0]))
-
-
-def _tiny_refiner(**kw) -> nn.Module:
-    torch.manual_seed(0)
-    model = timm.create_model('refiner_vit_nano', img_size=16, embed_dim=32, depth=4, num_heads=2,
-                              num_classes=10, **kw).eval()
-    for m in model.modules():  # non-trivial BatchNorm statistics, so that refinement changes the map
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.1)
-    return model
 
 
 def test_block_features_refiner_token_major_class_token_first():

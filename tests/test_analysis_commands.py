@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 import timm
 import torch
+from conftest import cka_minibatch as _cka_minibatch
+from conftest import tiny_refiner as _tiny_refiner
 from PIL import Image
 from torch import nn
 
@@ -65,19 +67,6 @@ def test_cka_command_end_to_end(tmp_path, capsys):
     assert 'CKA(first, last)' in printed and '25/50/75% depth' in printed
 
 
-def _tiny_refiner(**kw) -> nn.Module:
-    torch.manual_seed(0)
-    model = timm.create_model('refiner_vit_nano', img_size=16, embed_dim=32, depth=4, num_heads=2,
-                              num_classes=10, **kw).eval()
-    for m in model.modules():  # non-trivial BatchNorm statistics, so that refinement changes the map
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.normal_(0, 0.1)
-    return model
-
-
 def test_cka_command_from_a_checkpoint(tmp_path):
     from refiner.checkpoint import save_weights
     model = _tiny_refiner()
@@ -92,26 +81,6 @@ def test_cka_command_from_a_checkpoint(tmp_path):
     res = json.loads((out / 'cka.json').read_text())
     (entry,) = res['models'].values()
     assert entry['input_size'] == [3, 16, 16] and entry['source'].startswith('checkpoint')
-
-
-def _hsic1(K, L):
-    """Song et al. (2012), eq. 5: the unbiased HSIC estimator of two n×n kernels, in float64."""
-    n = K.shape[0]
-    Kt, Lt = K.copy(), L.copy()
-    np.fill_diagonal(Kt, 0.0)
-    np.fill_diagonal(Lt, 0.0)
-    one = np.ones(n)
-    return (np.trace(Kt @ Lt) + (one @ Kt @ one) * (one @ Lt @ one) / ((n - 1) * (n - 2))
-            - 2.0 / (n - 2) * (one @ Kt @ Lt @ one)) / (n * (n - 3))
-
-
-def _cka_minibatch(batches_x, batches_y):
-    """Nguyen et al. (2021): Σ HSIC1(K_i, L_i) / sqrt(Σ HSIC1(K_i, K_i) · Σ HSIC1(L_i, L_i)), linear kernels."""
-    kl = kk = ll = 0.0
-    for x, y in zip(batches_x, batches_y):
-        K, L = x @ x.T, y @ y.T
-        kl, kk, ll = kl + _hsic1(K, L), kk + _hsic1(K, K), ll + _hsic1(L, L)
-    return kl / math.sqrt(kk * ll)
 
 
 DATA_CONFIG = dict(input_size=[3, 16, 16], mean=[0.5] * 3, std=[0.5] * 3, crop_pct=1.0, interpolation='bilinear')

@@ -8,6 +8,7 @@ import pytest
 import timm
 import torch
 import yaml
+from conftest import finetune_cfg as _cfg
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -47,15 +48,6 @@ def test_finetune_on_other_classes_records_the_start_and_reinitialises_the_head(
         if not k.startswith('head.'):
             assert torch.equal(v, src[k]), k
     assert not torch.equal(model.head.weight, src['head.weight'])
-
-
-def _cfg(**kw) -> TrainConfig:
-    """The default recipe, shortened; model=None: the architecture the finetune source names."""
-    base = dict(load_recipe('default'), epochs=1, batch_size=32, train_fraction=0.15, warmup_epochs=0,
-                ema=False, model_args=dict(NANO))
-    if kw.get('model', '') is None:
-        base.update(model=None, model_args={})
-    return apply_overrides(base, kw)
 
 
 def test_finetune_an_original_checkpoint_at_new_classes_and_resolution(official, tmp_path):

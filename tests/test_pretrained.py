@@ -5,10 +5,11 @@ import json
 import pytest
 import timm
 import torch
+from conftest import finetune_cfg as _cfg
 
 import refiner  # noqa: F401  (registers the models)
 from refiner.cli import main
-from refiner.config import TrainConfig, apply_overrides, load_recipe
+from refiner.config import load_recipe
 from refiner.pretrained import load_model, read_source
 from refiner.train import train
 
@@ -16,15 +17,6 @@ NANO = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)  # a tiny Refiner-
 
 
 VIT = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)  # a tiny timm ViT on 16x16 digits
-
-
-def _cfg(**kw) -> TrainConfig:
-    """The default recipe, shortened; model=None: the architecture the finetune source names."""
-    base = dict(load_recipe('default'), epochs=1, batch_size=32, train_fraction=0.15, warmup_epochs=0,
-                ema=False, model_args=dict(NANO))
-    if kw.get('model', '') is None:
-        base.update(model=None, model_args={})
-    return apply_overrides(base, kw)
 
 
 def test_hub_folder_round_trip_and_finetune_from_it(pretrained_run, vit_run, tmp_path):
