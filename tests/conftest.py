@@ -181,3 +181,21 @@ def cka_minibatch(batches_x, batches_y):
         K, L = x @ x.T, y @ y.T
         kl, kk, ll = kl + hsic1(K, L), kk + hsic1(K, K), ll + hsic1(L, L)
     return kl / math.sqrt(kk * ll)
+
+
+TINY_VIT = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)  # a tiny timm ViT
+
+
+def refined_vit(img_size=16, num_classes=3):
+    torch.manual_seed(1)
+    model = timm.create_model('refined_vit', base_model='vit_tiny_patch16_224', refine_blocks=[1], img_size=img_size,
+                              num_classes=num_classes, **TINY_VIT)
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    return trained_scale(model)
+
+
+def tiny_vit() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return timm.create_model('vit_tiny_patch16_224', img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
+                             num_classes=10).eval()

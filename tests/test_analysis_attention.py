@@ -4,7 +4,7 @@ import pytest
 import timm
 import torch
 from conftest import tiny_refiner as _tiny_refiner
-from torch import nn
+from conftest import tiny_vit as _tiny_vit
 
 import refiner  # noqa: F401  (registers refiner_vit_*)
 from refiner.analysis import (
@@ -57,12 +57,6 @@ def test_refinement_stages_after_folding(mode):
     after = attention_maps(model, x)
     torch.testing.assert_close(after[1]['attn'], before[1]['attn'], rtol=1e-4, atol=1e-5)
     assert ('expanded' in after[1]) == (mode == 'inverted_residual') and 'local' in after[1]
-
-
-def _tiny_vit() -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model('vit_tiny_patch16_224', img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
-                             num_classes=10).eval()
 
 
 def test_timm_vit_attention_maps_reproduce_the_block():

@@ -8,6 +8,7 @@ import timm
 import torch
 from conftest import cka_minibatch as _cka_minibatch
 from conftest import tiny_refiner as _tiny_refiner
+from conftest import tiny_vit as _tiny_vit
 from torch import nn
 
 import refiner  # noqa: F401  (registers refiner_vit_*)  # noqa: F401  (registers the models)
@@ -186,12 +187,6 @@ def test_block_features_refiner_token_major_class_token_first():
     # the last block's output, normalised, is forward_features: (B, N, C) with the class token first
     last = model.norm(feats[-1].view(3, 17, 32))
     torch.testing.assert_close(last, model.forward_features(x))
-
-
-def _tiny_vit() -> nn.Module:
-    torch.manual_seed(0)
-    return timm.create_model('vit_tiny_patch16_224', img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2,
-                             num_classes=10).eval()
 
 
 def test_block_features_timm_vit_and_resnet():

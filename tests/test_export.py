@@ -8,6 +8,8 @@ import onnxruntime  # noqa: F401  (the export extra must be installed)
 import pytest
 import timm
 import torch
+from conftest import TINY_VIT as VIT
+from conftest import refined_vit as _refined_vit
 from conftest import trained_scale
 
 import refiner  # noqa: F401  (registers the models)
@@ -114,17 +116,6 @@ def test_export_errors(tmp_path):
     assert res.returncode == 1 and 'not a timm model name' in res.stderr and 'Traceback' not in res.stderr
     assert refiner  # imported for registration
 
-
-VIT = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)  # a tiny timm ViT
-
-
-def _refined_vit(img_size=16, num_classes=3):
-    torch.manual_seed(1)
-    model = timm.create_model('refined_vit', base_model='vit_tiny_patch16_224', refine_blocks=[1], img_size=img_size,
-                              num_classes=num_classes, **VIT)
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
-    return trained_scale(model)
 
 
 def test_an_hf_export_loads_in_timm_and_transformers_with_its_labels(tmp_path, nano_checkpoint, monkeypatch):

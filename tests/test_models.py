@@ -6,6 +6,7 @@ import pytest
 import timm
 import timm.optim
 import torch
+from conftest import refined_vit as _refined_vit
 from conftest import trained_scale
 from timm.models import get_notrace_functions, get_notrace_modules
 from torch.utils.flop_counter import FlopCounterMode
@@ -329,17 +330,6 @@ def test_one_architecture_table_registers_the_variants_and_names_original_checkp
 
 NANO = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=3)
 
-
-VIT = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)  # a tiny timm ViT
-
-
-def _refined_vit(img_size=16, num_classes=3):
-    torch.manual_seed(1)
-    model = timm.create_model('refined_vit', base_model='vit_tiny_patch16_224', refine_blocks=[1], img_size=img_size,
-                              num_classes=num_classes, **VIT)
-    for p in model.parameters():
-        p.data.normal_(0, 0.2)
-    return trained_scale(model)
 
 
 @pytest.mark.parametrize('name', ['refiner_vit_nano', 'refined_vit'])

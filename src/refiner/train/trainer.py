@@ -97,6 +97,7 @@ class Trainer:
 
         self.epoch, self.batch_in_epoch, self.global_step = 0, 0, 0  # where the run stands; _load moves them on
         self.history: List[Dict[str, Any]] = []
+        self._ema_settled = False  # the EMA is no longer mostly its starting weights (see _evaluate)
         if resuming:
             self._load()
         elif ddp.main:
@@ -269,8 +270,10 @@ class Trainer:
         res = evaluate(self.model, loader, self.device, self.num_classes, self.cfg.amp, self.skips)
         out = {'top1': res['top1'], 'top5': res['top5'], 'eval_loss': res['loss']}
         if self.ema is not None:
-            share = ema_start_share(self.ema.get_decay, self.global_step)
-            if share <= EMA_REPORT_MAX_START_SHARE:
+            # the share only falls as steps go on: once low enough, it need not be walked again
+            share = 0.0 if self._ema_settled else ema_start_share(self.ema.get_decay, self.global_step)
+            self._ema_settled = share <= EMA_REPORT_MAX_START_SHARE
+            if self._ema_settled:
                 ema = evaluate(self.ema.module, loader, self.device, self.num_classes, self.cfg.amp, self.skips)
                 out.update(ema_top1=ema['top1'], ema_top5=ema['top5'], ema_eval_loss=ema['loss'])
             else:  # mostly the weights it started from: its figure would say nothing about the run
