@@ -10,7 +10,7 @@ from conftest import finetune_cfg as _cfg
 import refiner  # noqa: F401  (registers the models)
 from refiner.cli import main
 from refiner.config import load_recipe
-from refiner.pretrained import load_model, read_source
+from refiner.pretrained import ModelError, create_model, load_model, read_source
 from refiner.train import train
 
 NANO = dict(patch_size=4, embed_dim=32, depth=2, num_heads=2)  # a tiny Refiner-ViT on 16x16 digits
@@ -109,3 +109,14 @@ def test_one_loader_by_name_or_checkpoint_for_export_and_analysis(nano_checkpoin
     load_analysis_model('refiner_vit_nano', None, 16, tiny)
     load_analysis_model(None, str(nano_checkpoint[0]))
     assert [name for name, _ in calls] == ['refiner_vit_nano', None, 'refiner_vit_nano', None]
+
+
+def test_a_recipe_token_grid_fits_a_cnn_and_other_rejected_args_still_fail():
+    """A recipe's ``patch_size`` (the fashion_mnist and default recipes set 4) once stopped
+    ``train --model resnet18``; the token grid is dropped for a CNN, any other bad argument still refused."""
+    cnn = create_model('resnet18', img_size=28, patch_size=4, num_classes=3)
+    assert cnn.fc.out_features == 3
+    vit = create_model('vit_tiny_patch16_224', img_size=28, patch_size=4, num_classes=3, depth=1)
+    assert vit.patch_embed.grid_size == (7, 7)  # kept where the model has a token grid
+    with pytest.raises(ModelError, match="cannot create resnet18 .*'depth'"):
+        create_model('resnet18', img_size=28, patch_size=4, depth=1)

@@ -187,18 +187,24 @@ def check_model_name(name: str) -> None:
         raise ModelError(f'{name}: not a timm model name{hint}')
 
 
+TOKEN_GRID_ARGS = ('img_size', 'patch_size')  # a ViT's input geometry, meaningless to a CNN
+
+
 def create_model(name: str, img_size: Optional[int] = None, **kwargs: Any) -> nn.Module:
     """``timm.create_model(name, img_size=img_size, **kwargs)`` with one sentence for a name timm
-    does not know or arguments the model rejects; ``img_size`` is dropped for models without one (CNNs)."""
+    does not know or arguments the model rejects. The token grid's arguments (``img_size``,
+    ``patch_size``) are dropped for models that take none (CNNs), so a recipe's grid fits any model."""
     check_model_name(name)
-    sized = {'img_size': img_size} if img_size is not None else {}
+    kwargs = {**({'img_size': img_size} if img_size is not None else {}), **kwargs}
     try:
-        try:
-            return timm.create_model(name, **sized, **kwargs)
-        except TypeError as e:
-            if not sized or 'img_size' not in str(e):
-                raise
-            return timm.create_model(name, **kwargs)
+        while True:
+            try:
+                return timm.create_model(name, **kwargs)
+            except TypeError as e:  # "... got an unexpected keyword argument 'patch_size'"
+                rejected = [k for k in TOKEN_GRID_ARGS if k in kwargs and f"'{k}'" in str(e)]
+                if not rejected:
+                    raise
+                del kwargs[rejected[0]]
     except (TypeError, ValueError, AssertionError) as e:
         raise ModelError(f'cannot create {name} with {kwargs}: {str(e).splitlines()[0]}') from None
 

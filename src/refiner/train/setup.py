@@ -124,8 +124,11 @@ def create_task_model(cfg: TrainConfig, num_classes: int, img_size: int) -> Tupl
             raise TrainingError('token_labeling needs a Refiner-ViT model (it adds the per-token head)')
         args['aux_head'] = True
     model = create_model(cfg.model, img_size=img_size, **args)
-    if 'img_size' in inspect.signature(type(model).__init__).parameters:
+    accepted = inspect.signature(type(model).__init__).parameters
+    if 'img_size' in accepted:
         args['img_size'] = img_size
+    if 'patch_size' not in accepted:
+        args.pop('patch_size', None)  # the recipe's token grid, dropped for a CNN by create_model
     if hasattr(model, 'refined_blocks'):
         args['refine_blocks'] = list(model.refined_blocks)  # 'all' or 'the last n' as block indices
     return model, args
