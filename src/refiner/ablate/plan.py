@@ -11,8 +11,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from ..checkpoint import RunFiles
-from ..config import DEFAULT_MODEL, ConfigError, TrainConfig, apply_overrides, default_recipe, load_recipe
-from ..data import build_datasets
+from ..config import ConfigError, TrainConfig, apply_overrides, default_recipe, load_recipe
+from ..data import Datasets, build_datasets
+from ..errors import RefinerError
+from ..train.setup import create_task_model, resolve_img_size, resolve_model
 from .run_dirs import PlannedRun, comparable
 from .studies import (
     BUILTIN_ARMS,
@@ -122,16 +124,14 @@ def arm_config(arm: Arm, base_dict: Dict[str, Any], base: TrainConfig) -> Tuple[
         raise AblationError(f'arm {arm.name!r}: {e}') from None
 
 
-def _check_model_builds(arm: str, cfg: TrainConfig, num_classes: int, img_size: Optional[int]) -> None:
-    """Build the arm's model once before anything trains, so that a bad arm fails in a second."""
-    if cfg.refine is not None or cfg.finetune is not None:
-        return  # the training run resolves these models (from the weights, or by retrofitting)
-    from ..pretrained import ModelError, create_model
-    args = dict(cfg.model_args)
-    args.setdefault('num_classes', num_classes)
+def _check_model_builds(arm: str, cfg: TrainConfig, full: Datasets) -> None:
+    """Build the arm's model once, as its training run will, so that a bad arm fails before anything trains."""
+    if cfg.finetune is not None:
+        return  # the training run reads the architecture from the weights
     try:
-        create_model(cfg.model or DEFAULT_MODEL, img_size=img_size, **args)
-    except ModelError as e:
+        cfg = resolve_model(cfg, None)
+        create_task_model(cfg, len(full.classes), resolve_img_size(cfg, full, None)[0])
+    except RefinerError as e:
         raise AblationError(f'arm {arm!r}: {e}') from None
 
 
@@ -152,8 +152,7 @@ def plan_runs(base_dict: Dict[str, Any], arms: Sequence[Arm], fractions: Sequenc
         cfg, overrides = arm_config(arm, base_dict, base)
         resolved[arm.name] = {'builtin': arm.builtin, 'overrides': comparable(overrides)}
         full = data(cfg)
-        img_size = cfg.img_size or full.default_img_size or cfg.model_args.get('img_size')
-        _check_model_builds(arm.name, cfg, len(full.classes), img_size)
+        _check_model_builds(arm.name, cfg, full)
         per_epoch_full = (full.num_train // cfg.batch_size) * cfg.batch_size
         if per_epoch_full == 0:
             raise AblationError(f'arm {arm.name!r}: batch_size {cfg.batch_size} is larger than the '
