@@ -39,11 +39,13 @@ def test_at_deits_scale_the_derived_values_are_deits():
 
 def test_a_small_short_run_gets_values_that_fit_it():
     """6,000 images at 28 px for 930 steps (the issue's Fashion-MNIST folder): no Mixup/CutMix or
-    RandAugment, crops that keep most of the image, a 10x learning rate, an EMA over a tenth of the run."""
+    RandAugment, crops that keep most of the image, no erasing, a 10x learning rate, an EMA over a tenth of the run."""
     values, lines = derive(RunSize(num_train=6000, img_size=28, epochs=10, steps_per_epoch=93), DERIVABLE)
     assert values['mixup'] == values['cutmix'] == 0.0 and values['aa'] is None
     assert values['lr'] == pytest.approx(5e-3) and values['warmup_epochs'] == 0.5 and values['cooldown_epochs'] == 0
-    assert values['scale'] == [0.64, 1.0] and values['reprob'] == 0.25 and values['drop_path'] == 0.05
+    assert values['scale'] == [0.7, 1.0] and values['reprob'] == 0.0 and values['drop_path'] == 0.05
+    big = derive(RunSize(6000, 112, 10, 93), ['scale', 'reprob'])[0]  # as many pixels as DeiT's smallest crop
+    assert big == {'scale': [0.32, 1.0], 'reprob': 0.25}
     assert values['ema_decay'] == pytest.approx(1 - 10 / 930) and values['ema_warmup'] is True
     assert '  mixup 0: off: 930 steps (Mixup/CutMix need at least 50,000) at 28 px' in lines
     only = derive(RunSize(6000, 28, 10, 93), ['lr'])[0]

@@ -23,8 +23,9 @@ DERIVABLE = ('lr', 'warmup_epochs', 'cooldown_epochs', 'drop_path', 'scale', 'ra
 DEIT_STEPS = 300_000
 LARGE_DATASET = 100_000  # images: DeiT's drop path from here on
 MIX_MIN_STEPS, MIX_MIN_SIZE = 50_000, 64  # Mixup/CutMix only for long runs on images this large
-AA_MIN_SIZE = 64  # RandAugment only for images of at least this side
-ERASE_MIN_SIZE = 24  # random erasing only for images of at least this side
+# RandAugment and random erasing only for images of at least this side: under it, a shear, a shift or
+# an erased box (up to a third of the image) removes what a small or off-centre object has of itself
+AUGMENT_MIN_SIZE = 64
 MAX_LR_BOOST = 10.0
 EMA_REPORT_MAX_START_SHARE = 0.1  # an EMA whose starting weights still weigh more than this is not reported
 
@@ -68,17 +69,19 @@ def derive(size: RunSize, keys: Sequence[str]) -> Tuple[Dict[str, Any], List[str
     rules['cooldown_epochs'] = (min(10, round(size.epochs / 30)), f'one in 30 of the {size.epochs} epochs, at most 10')
     rules['drop_path'] = ((0.1, f'{n:,} images: DeiT\'s') if n >= LARGE_DATASET else
                           (0.05, f'{n:,} images, under {LARGE_DATASET:,}'))
-    # crops: DeiT keeps 8% of a 224 px image at the least; a small image keeps proportionally more
-    min_scale = round(min(max(0.08 * 224 / side, 0.08), 0.7), 3)
-    rules['scale'] = ([min_scale, 1.0], f'0.08 x 224 / {side} px, between 0.08 and 0.7: a small image keeps '
-                                        f'more of itself')
-    rules['ratio'] = (([0.75, 1.3333], f'{side} px: DeiT\'s') if side >= AA_MIN_SIZE else
-                      ([0.85, 1.18], f'{side} px, under {AA_MIN_SIZE}: nearly square crops'))
-    rules['aa'] = (('rand-m9-mstd0.5-inc1', f'{side} px: DeiT\'s RandAugment') if side >= AA_MIN_SIZE else
-                   (None, f'off: RandAugment\'s shears and translations at {side} px, under {AA_MIN_SIZE}, '
-                          f'move most of the image'))
-    rules['reprob'] = ((0.25, f'{side} px: DeiT\'s random erasing') if side >= ERASE_MIN_SIZE else
-                       (0.0, f'off: {side} px, under {ERASE_MIN_SIZE}'))
+    # crops: DeiT's smallest keeps 8% of a 224 px image (about 4,000 pixels); a crop of a smaller image
+    # keeps at least as many pixels, and at least 70% of the image
+    min_scale = round(min(max(0.08 * (224 / side) ** 2, 0.08), 0.7), 3)
+    rules['scale'] = ([min_scale, 1.0], f'0.08 x (224 / {side} px)^2, between 0.08 and 0.7: a crop keeps as many '
+                                        f'pixels as DeiT\'s smallest')
+    small = side < AUGMENT_MIN_SIZE
+    rules['ratio'] = (([0.85, 1.18], f'{side} px, under {AUGMENT_MIN_SIZE}: nearly square crops') if small else
+                      ([0.75, 1.3333], f'{side} px: DeiT\'s'))
+    rules['aa'] = ((None, f'off: RandAugment\'s shears and translations at {side} px, under {AUGMENT_MIN_SIZE}, '
+                          f'move most of the image') if small else
+                   ('rand-m9-mstd0.5-inc1', f'{side} px: DeiT\'s RandAugment'))
+    rules['reprob'] = ((0.0, f'off: an erased box at {side} px, under {AUGMENT_MIN_SIZE}, hides most of an object')
+                       if small else (0.25, f'{side} px: DeiT\'s random erasing'))
     mix = steps >= MIX_MIN_STEPS and side >= MIX_MIN_SIZE
     why = (f'{steps:,} steps and {side} px: DeiT\'s' if mix else
            f'off: {steps:,} steps (Mixup/CutMix need at least {MIX_MIN_STEPS:,}) at {side} px')
