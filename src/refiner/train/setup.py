@@ -127,7 +127,7 @@ def create_task_model(cfg: TrainConfig, num_classes: int, img_size: int) -> Tupl
     accepted = inspect.signature(type(model).__init__).parameters
     if 'img_size' in accepted:
         args['img_size'] = img_size
-    if 'patch_size' not in accepted:
+    if 'patch_size' not in accepted and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
         args.pop('patch_size', None)  # the recipe's token grid, dropped for a CNN by create_model
     if hasattr(model, 'refined_blocks'):
         args['refine_blocks'] = list(model.refined_blocks)  # 'all' or 'the last n' as block indices
