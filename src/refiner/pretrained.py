@@ -39,8 +39,9 @@ from .convert import (
 )
 from .errors import RefinerError
 
-__all__ = ['Source', 'ModelError', 'read_source', 'check_model_name', 'create_model', 'model_arguments', 'load_model',
-           'load_pretrained_weights', 'resolve_data_config', 'classifier_names', 'load_or_create']
+__all__ = ['Source', 'ModelError', 'read_source', 'check_model_name', 'create_model', 'create_model_and_args',
+           'model_arguments', 'load_model', 'load_pretrained_weights', 'resolve_data_config', 'classifier_names',
+           'load_or_create']
 
 
 class ModelError(RefinerError, ValueError):
@@ -194,12 +195,19 @@ def create_model(name: str, img_size: Optional[int] = None, **kwargs: Any) -> nn
     """``timm.create_model(name, img_size=img_size, **kwargs)`` with one sentence for a name timm
     does not know or arguments the model rejects. The token grid's arguments (``img_size``,
     ``patch_size``) are dropped for models that take none (CNNs), so a recipe's grid fits any model."""
+    return create_model_and_args(name, img_size, **kwargs)[0]
+
+
+def create_model_and_args(name: str, img_size: Optional[int] = None,
+                          **kwargs: Any) -> Tuple[nn.Module, Dict[str, Any]]:
+    """:func:`create_model`, and the keyword arguments the model was built with (the token grid's
+    arguments it does not take left out): what a run records to build it again."""
     check_model_name(name)
     kwargs = {**({'img_size': img_size} if img_size is not None else {}), **kwargs}
     try:
         while True:
             try:
-                return timm.create_model(name, **kwargs)
+                return timm.create_model(name, **kwargs), kwargs
             except TypeError as e:  # "... got an unexpected keyword argument 'patch_size'"
                 rejected = [k for k in TOKEN_GRID_ARGS if k in kwargs and f"'{k}'" in str(e)]
                 if not rejected:

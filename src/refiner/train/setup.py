@@ -9,7 +9,6 @@ from a refiner run, ``augment_from_source`` and ``lr_from_source`` take its augm
 its learning rate.
 """
 import dataclasses
-import inspect
 import math
 from contextlib import nullcontext
 from typing import Any, ContextManager, Dict, List, Optional, Tuple
@@ -40,7 +39,7 @@ from ..pretrained import (
     Source,
     check_model_name,
     classifier_names,
-    create_model,
+    create_model_and_args,
     load_pretrained_weights,
     resolve_data_config,
 )
@@ -123,12 +122,7 @@ def create_task_model(cfg: TrainConfig, num_classes: int, img_size: int) -> Tupl
         if not cfg.model.startswith('refiner_vit'):
             raise TrainingError('token_labeling needs a Refiner-ViT model (it adds the per-token head)')
         args['aux_head'] = True
-    model = create_model(cfg.model, img_size=img_size, **args)
-    accepted = inspect.signature(type(model).__init__).parameters
-    if 'img_size' in accepted:
-        args['img_size'] = img_size
-    if 'patch_size' not in accepted and not any(p.kind is p.VAR_KEYWORD for p in accepted.values()):
-        args.pop('patch_size', None)  # the recipe's token grid, dropped for a CNN by create_model
+    model, args = create_model_and_args(cfg.model, img_size, **args)  # a CNN's args lack img_size, patch_size
     if hasattr(model, 'refined_blocks'):
         args['refine_blocks'] = list(model.refined_blocks)  # 'all' or 'the last n' as block indices
     return model, args
