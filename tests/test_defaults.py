@@ -30,7 +30,7 @@ def test_at_deits_scale_the_derived_values_are_deits():
     """ImageNet (1.28M images at 224 px, 300 epochs of 2,502 steps) derives TrainConfig's own values."""
     values, lines = derive(RunSize(num_train=1_281_167, img_size=224, epochs=300, steps_per_epoch=1251), DERIVABLE)
     deit = TrainConfig()
-    for key in ('lr', 'warmup_epochs', 'cooldown_epochs', 'drop_path', 'aa', 'reprob', 'mixup', 'cutmix',
+    for key in ('lr', 'warmup_epochs', 'cooldown_epochs', 'drop_path', 'hflip', 'aa', 'reprob', 'mixup', 'cutmix',
                 'ema_decay'):
         assert values[key] == pytest.approx(getattr(deit, key)), key
     assert values['scale'] == pytest.approx(deit.scale) and values['ratio'] == pytest.approx(deit.ratio, abs=1e-4)
@@ -86,6 +86,8 @@ def test_a_folder_without_recipe_derives_prints_and_records_its_defaults(two_run
     derived = {line.split()[0]: line for line in out[2:2 + len(DERIVABLE) - 2]}
     assert set(derived) == set(DERIVABLE) - {'lr', 'reprob'}  # given by a flag and by --set: kept
     assert derived['mixup'] == '  mixup 0: off: 12 steps (Mixup/CutMix need at least 50,000) at 20 px'
+    # classes told apart by brightness alone: centred pixels' neighbours cannot show what mirroring does
+    assert derived['hflip'].startswith("  hflip 0.5: DeiT's: nearest neighbours on pixels tell nothing of mirroring")
     assert out[2 + len(DERIVABLE) - 2].startswith('learning rate ') and 'lr 0.003' in out[2 + len(DERIVABLE) - 2]
     cfg = yaml.safe_load((root / 'derived' / 'config.yaml').read_text())
     assert cfg['lr'] == 3e-3 and cfg['reprob'] == 0.5 and cfg['mixup'] == 0.0 and cfg['aa'] is None

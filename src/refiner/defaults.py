@@ -5,19 +5,22 @@ and about 375k optimizer steps. Most folders a user trains on hold thousands of 
 hundreds of steps, where that recipe's EMA never forgets its start, Mixup/CutMix and RandAugment at
 ImageNet strength keep the loss near chance, and its learning rate is too low to get anywhere. Here
 each value of the keys in :data:`DERIVABLE` follows from the run's number of training images, image
-size and optimizer steps, with the reason the run prints. The rules are our own, written to
+size and optimizer steps, and flipping from whether its images keep their class when mirrored
+(:mod:`refiner.mirror`), with the reason the run prints. The rules are our own, written to
 reproduce DeiT's values at DeiT's scale and this project's tuned recipes at theirs (measured in
 docs/training.md); no library derives a recipe from a dataset.
 """
 import math
 from dataclasses import dataclass
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from .mirror import MirrorCheck
 
 __all__ = ['DERIVABLE', 'RunSize', 'derive', 'ema_start_share', 'EMA_REPORT_MAX_START_SHARE']
 
 # the keys a run derives; any of them given by a flag or --set keeps the value given
-DERIVABLE = ('lr', 'warmup_epochs', 'cooldown_epochs', 'drop_path', 'scale', 'ratio', 'aa', 'reprob', 'mixup',
-             'cutmix', 'ema_decay', 'ema_warmup')
+DERIVABLE = ('lr', 'warmup_epochs', 'cooldown_epochs', 'drop_path', 'scale', 'ratio', 'hflip', 'aa', 'reprob',
+             'mixup', 'cutmix', 'ema_decay', 'ema_warmup')
 
 # DeiT's scale: the values of TrainConfig's defaults hold from here on
 DEIT_STEPS = 300_000
@@ -27,6 +30,9 @@ MIX_MIN_STEPS, MIX_MIN_SIZE = 50_000, 64  # Mixup/CutMix only for long runs on i
 # an erased box (up to a third of the image) removes what a small or off-centre object has of itself
 AUGMENT_MIN_SIZE = 64
 MAX_LR_BOOST = 10.0
+# flips off when a mirrored image's nearest neighbour keeps under half of the accuracy above chance, if
+# nearest neighbours on pixels are at least 0.1 above chance at all (refiner.mirror)
+MIRROR_MIN_KEPT, MIRROR_MIN_SIGNAL = 0.5, 0.1
 EMA_REPORT_MAX_START_SHARE = 0.1  # an EMA whose starting weights still weigh more than this is not reported
 
 
@@ -37,6 +43,7 @@ class RunSize:
     img_size: int  # input side in pixels
     epochs: int
     steps_per_epoch: int
+    mirror: Optional[MirrorCheck] = None  # whether mirroring keeps the class; None: not measured
 
     @property
     def steps(self) -> int:
@@ -74,6 +81,7 @@ def derive(size: RunSize, keys: Sequence[str]) -> Tuple[Dict[str, Any], List[str
     min_scale = round(min(max(0.08 * (224 / side) ** 2, 0.08), 0.7), 3)
     rules['scale'] = ([min_scale, 1.0], f'0.08 x (224 / {side} px)^2, between 0.08 and 0.7: a crop keeps as many '
                                         f'pixels as DeiT\'s smallest')
+    rules['hflip'] = _hflip(size.mirror)
     small = side < AUGMENT_MIN_SIZE
     rules['ratio'] = (([0.85, 1.18], f'{side} px, under {AUGMENT_MIN_SIZE}: nearly square crops') if small else
                       ([0.75, 1.3333], f'{side} px: DeiT\'s'))
@@ -97,6 +105,19 @@ def derive(size: RunSize, keys: Sequence[str]) -> Tuple[Dict[str, Any], List[str
             values[key], why = rules[key]
             lines.append(f'  {key} {_fmt(values[key])}: {why}')
     return values, lines
+
+
+def _hflip(check: Optional[MirrorCheck]) -> Tuple[float, str]:
+    if check is None:
+        return 0.5, 'DeiT\'s: mirroring not checked (the training labels cannot be listed)'
+    seen = (f'a nearest neighbour is right for {check.mirrored_accuracy:.0%} of {check.images:,} sampled images '
+            f'mirrored, {check.accuracy:.0%} unmirrored, chance {check.chance:.0%}')
+    if check.accuracy - check.chance < MIRROR_MIN_SIGNAL:
+        return 0.5, (f'DeiT\'s: nearest neighbours on pixels tell nothing of mirroring here ({check.accuracy:.0%} '
+                     f'right, chance {check.chance:.0%})')
+    if check.kept >= MIRROR_MIN_KEPT:
+        return 0.5, f'DeiT\'s: mirrored images keep their class ({seen})'
+    return 0.0, f'off: a mirrored image is another class or none ({seen})'
 
 
 def ema_start_share(get_decay, steps: int) -> float:

@@ -35,6 +35,7 @@ from ..data import (
 )
 from ..defaults import RunSize, derive
 from ..errors import RefinerError
+from ..mirror import measure_mirror
 from ..pretrained import (
     Source,
     check_model_name,
@@ -220,11 +221,14 @@ def build_input_pipeline(cfg: TrainConfig, data: Datasets, data_config: Dict[str
 
 def derive_defaults(cfg: TrainConfig, data: Datasets, img_size: int,
                      global_batch: int) -> Tuple[TrainConfig, str]:
-    """The config with the values of its ``derive_keys`` derived from the run's size (refiner.defaults),
-    and the lines that say what was derived and why."""
+    """The config with the values of its ``derive_keys`` derived from the run's size and, for ``hflip``, from
+    whether its training images keep their class when mirrored (refiner.defaults, refiner.mirror); and the
+    lines that say what was derived and why."""
     steps_per_epoch = max(data.num_train // global_batch, 1)
     epochs = max(cfg.epochs, math.ceil(cfg.min_steps / steps_per_epoch))
-    size = RunSize(num_train=data.num_train, img_size=img_size, epochs=epochs, steps_per_epoch=steps_per_epoch)
+    mirror = measure_mirror(data.train) if 'hflip' in cfg.derive_keys else None
+    size = RunSize(num_train=data.num_train, img_size=img_size, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                   mirror=mirror)
     values, lines = derive(size, cfg.derive_keys)
     head = (f'defaults derived from the run ({data.num_train:,} training images, {img_size} px, {size.steps:,} '
             f'optimizer steps; no recipe given): set any with its flag or --set KEY=VALUE, or --config deit for '
