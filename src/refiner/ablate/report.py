@@ -137,7 +137,7 @@ def plot_ablation(results: Dict[str, Dict[str, List[float]]], fractions: Sequenc
     ax.set_xlabel('training images (log scale)')
     ax.set_ylabel('held-out top-1 (%), mean ± std over seeds')
     n_seeds = len(next(iter(next(iter(results.values())).values())))
-    ax.set_title(f'Data efficiency on {data}: same recipe, same images seen, {n_seeds} seeds')
+    ax.set_title(f'Data efficiency on {data}\nsame recipe, same images seen, {n_seeds} seeds', fontsize=11)
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(loc='lower right', fontsize='small')
     lo = min(min(min(v) for v in r.values()) for r in results.values())
