@@ -109,7 +109,8 @@ def derive(size: RunSize, keys: Sequence[str]) -> Tuple[Dict[str, Any], List[str
 
 def _hflip(check: Optional[MirrorCheck]) -> Tuple[float, str]:
     if check is None:
-        return 0.5, 'DeiT\'s: mirroring not checked (the training labels cannot be listed)'
+        return 0.5, ('DeiT\'s: mirroring not checked (the training labels cannot be listed, or fewer than two '
+                     'classes have two readable images)')
     seen = (f'a nearest neighbour is right for {check.mirrored_accuracy:.0%} of {check.images:,} sampled images '
             f'mirrored, {check.accuracy:.0%} unmirrored, chance {check.chance:.0%}')
     if check.accuracy - check.chance < MIRROR_MIN_SIGNAL:

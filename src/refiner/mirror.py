@@ -47,14 +47,14 @@ def _pixels(img: Any) -> Optional[np.ndarray]:
 
 def measure_mirror(dataset: Any, seed: int = 0) -> Optional[MirrorCheck]:
     """The check on ``dataset`` (a refiner dataset: ``targets`` and ``load(index)``), on a sample drawn with
-    ``seed``; None when its labels cannot be listed without decoding every image, or fewer than two
+    ``seed``; None when it has no labels, they cannot be listed without decoding every image, or fewer than two
     classes have two readable images."""
     targets = getattr(dataset, 'targets', None)
-    if targets is None:
+    if targets is None or len(targets) == 0:
         return None
     targets = np.asarray(targets)
     classes = np.unique(targets)
-    per_class = max(2, SAMPLE_IMAGES // max(len(classes), 1))
+    per_class = max(2, SAMPLE_IMAGES // len(classes))
     rng = np.random.default_rng(seed)
     images: List[np.ndarray] = []
     labels: List[int] = []
