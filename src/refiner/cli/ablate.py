@@ -19,12 +19,12 @@ def add_ablate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--models', nargs='+', choices=list(BUILTINS),
                    help='built-in arms: ' + ', '.join(f'{name} ({arm.description})' for name, arm in BUILTINS.items())
                         + ' (default without --study or --arm: refiner vit)')
-    p.add_argument('--data', help='dataset (default: the embedded digits; digits_clutter: harder, cluttered)')
+    p.add_argument('--data', help="dataset, as train's --data (default: the study's, else the embedded digits)")
     p.add_argument('--fractions', type=float, nargs='+', help="fractions of the training split (default: the "
                                                                "study's, else 0.05 0.1 0.25 1)")
     p.add_argument('--seeds', type=int, nargs='+', help="default: the study's, else 0 1 2")
-    p.add_argument('--config', help="recipe every arm starts from (default: the embedded dataset's: 'default' "
-                                    "on digits, 'digits_clutter' on digits_clutter)")
+    p.add_argument('--config', help="recipe every arm starts from (default: the dataset's own: 'default' on the "
+                                    "digits, 'digits_clutter', 'fashion_mnist'; none for a folder)")
     p.add_argument('--epochs', type=int, help="the full-data run's epochs (the budget; default: the study's, "
                                               "else the recipe's)")
     p.add_argument('--out', help='folder of the runs and results (default: runs/ablate/<study>, else runs/ablate)')
