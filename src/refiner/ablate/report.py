@@ -15,6 +15,7 @@ import numpy as np
 from ..bench import count_flops
 from ..checkpoint import RunFiles
 from ..fileio import atomic_write
+from ..spread import compare_to, format_stat, seed_stats
 from .run_dirs import PlannedRun, read_record
 from .studies import Arm, Study
 
@@ -35,11 +36,6 @@ def _run_flops(files: RunFiles) -> Optional[int]:
     except (OSError, KeyError, ValueError, ModelError):
         return None
     return count_flops(model, int(size[-1]), int(size[0]))
-
-
-def _stats(values: List[float]) -> Dict[str, Any]:
-    arr = np.array(values, dtype=float)
-    return {'mean': float(arr.mean()), 'std': float(arr.std(ddof=1)) if len(arr) > 1 else None, 'n': len(arr)}
 
 
 def build_report(runs: List[PlannedRun], resolved: Dict[str, Dict[str, Any]], arms: Sequence[Arm], reference: str,
@@ -71,13 +67,8 @@ def build_report(runs: List[PlannedRun], resolved: Dict[str, Dict[str, Any]], ar
         entry['train_time_s'] = seconds
         entry['stats'] = {}
         for f in (f'{x:g}' for x in fractions):
-            s = _stats(top1[name][f])
-            ref = _stats(top1[reference][f])
-            s['diff'] = None if name == reference else s['mean'] - ref['mean']
-            s['within_spread'] = None
-            if name != reference and s['std'] is not None and ref['std'] is not None:
-                s['within_spread'] = bool(abs(s['diff']) < max(s['std'], ref['std']))
-            entry['stats'][f] = s
+            ref = None if name == reference else seed_stats(top1[reference][f])
+            entry['stats'][f] = compare_to(seed_stats(top1[name][f]), ref)
     data = base_dict.get('data') or 'digits'
     report = {
         'study': st.name if st else None, 'description': st.description if st else '', 'data': data,
@@ -86,13 +77,6 @@ def build_report(runs: List[PlannedRun], resolved: Dict[str, Dict[str, Any]], ar
     }
     report['table'] = _table(report)
     return report
-
-
-def _fmt_stat(s: Dict[str, Any]) -> str:
-    text = f'{s["mean"]:.2f} ± {s["std"]:.2f}' if s['std'] is not None else f'{s["mean"]:.2f}'
-    if s['diff'] is not None:
-        text += f' ({s["diff"]:+.2f}{", within spread" if s["within_spread"] else ""})'
-    return text
 
 
 def _table(report: Dict[str, Any]) -> str:
@@ -104,7 +88,7 @@ def _table(report: Dict[str, Any]) -> str:
     lines = [header, '|' + ' --- |' * (len(fractions) + 5)]
     for name in report['arms']:
         m = info[name]
-        cells = [_fmt_stat(m['stats'][f'{f:g}']) for f in fractions]
+        cells = [format_stat(m['stats'][f'{f:g}']) for f in fractions]
         fl = f'{m["flops"] / scale:.2f}' if m['flops'] else 'n/a'
         ips = f'{m["train_images_per_s"]:.0f}' if m['train_images_per_s'] else 'n/a'
         minutes = f'{m["train_time_s"] / 60:.0f}' if m['train_time_s'] else 'n/a'

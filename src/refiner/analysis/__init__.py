@@ -8,7 +8,9 @@
 - :mod:`.inputs`: the models (loaded through :mod:`refiner.pretrained`), the held-out images, JSON out;
 - :mod:`.compute`: the analyses as functions of plain arguments (``block_cka``, ``attention_diversity``,
   ``show_attention``);
-- :mod:`.commands`: ``refiner analyze {cka,attention}`` and ``refiner show-attention`` (arguments, printing).
+- :mod:`.summary`: several of those analyses (one per seed) combined, mean ± std per model;
+- :mod:`.commands`: ``refiner analyze {cka,attention,summary}`` and ``refiner show-attention`` (arguments,
+  printing).
 """
 from .attention_maps import (
     AttentionDiversity,

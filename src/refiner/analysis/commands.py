@@ -6,6 +6,8 @@ Each command is a pair ``add_*_args(parser)`` / ``run_*(args) -> int``:
   compare), how fast block features converge to the last block's;
 - ``refiner analyze attention``: per-block head diversity and cross-block similarity of the
   attention maps, before and after refinement;
+- ``refiner analyze summary RESULT...``: several of those analyses (one per seed) combined, mean ± std
+  per model;
 - ``refiner show-attention IMAGE``: one query token's attention per head, through the stages of
   the refinement, over the image.
 
@@ -31,12 +33,13 @@ from .inputs import (
     parse_model_args,
     parse_query,
 )
+from .summary import SummaryError, format_summary_table, read_analyses, summarize, write_summary
 
 __all__ = [
     'UnknownModelError', 'QueryError', 'BlockIndexError', 'LoadedModel', 'load_analysis_model', 'parse_compare',
     'parse_query', 'parse_model_args', 'add_cka_args', 'run_cka', 'add_attention_args', 'run_attention',
     'add_show_attention_args', 'run_show_attention', 'add_analyze_args', 'run_analyze', 'format_attention_table',
-    'DEPTHS',
+    'DEPTHS', 'SummaryError', 'add_summary_args', 'run_summary',
 ]
 
 
@@ -136,6 +139,30 @@ def run_attention(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------- summary
+
+def add_summary_args(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``refiner analyze summary``."""
+    parser.add_argument('results', nargs='+', metavar='RESULT',
+                        help='cka.json / attention.json files written by `refiner analyze cka` / `attention`, or '
+                             'folders holding them (searched recursively), e.g. one analysis per seed')
+    parser.add_argument('--reference', help='the model the others are compared with (default: the first model '
+                                            'of the first file)')
+    parser.add_argument('--out', default='runs/analysis/summary', help='output folder (default '
+                                                                       'runs/analysis/summary)')
+
+
+def run_summary(args: argparse.Namespace) -> int:
+    """``refiner analyze summary``: :func:`refiner.analysis.summary.summarize`, its table and files."""
+    analyses = read_analyses(args.results)
+    summary = summarize(analyses, args.reference)
+    files = write_summary(summary, args.out)
+    print(f'{len(analyses["cka"])} CKA and {len(analyses["attention"])} attention analyses of {summary["data"]}:')
+    print(format_summary_table(summary))
+    print(f'wrote {", ".join(str(f) for f in files)}')
+    return 0
+
+
 # -------------------------------------------------------------------------------- show-attention
 
 def add_show_attention_args(parser: argparse.ArgumentParser) -> None:
@@ -167,16 +194,20 @@ def run_show_attention(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ analyze (group)
 
 def add_analyze_args(parser: argparse.ArgumentParser) -> None:
-    """``refiner analyze {cka,attention}`` as one command with two subcommands."""
+    """``refiner analyze {cka,attention,summary}`` as one command with three subcommands."""
     sub = parser.add_subparsers(dest='analysis', metavar='ANALYSIS', required=True)
     add_cka_args(sub.add_parser('cka', help='CKA between blocks: how early features converge to the last block'))
     add_attention_args(sub.add_parser('attention', help='attention diversity per block, before/after refinement'))
+    add_summary_args(sub.add_parser('summary', help='several cka / attention analyses (e.g. one per seed) '
+                                                    'combined: mean ± std per model'))
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    """Dispatch ``refiner analyze cka`` / ``refiner analyze attention``."""
+    """Dispatch ``refiner analyze cka`` / ``attention`` / ``summary``."""
     if args.analysis == 'cka':
         return run_cka(args)
     if args.analysis == 'attention':
         return run_attention(args)
-    raise AnalysisError(f"unknown analysis {args.analysis!r}: expected 'cka' or 'attention'")
+    if args.analysis == 'summary':
+        return run_summary(args)
+    raise AnalysisError(f"unknown analysis {args.analysis!r}: expected 'cka', 'attention' or 'summary'")

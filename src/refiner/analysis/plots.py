@@ -16,7 +16,8 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from .cka import normalised_curve  # noqa: E402
 
-__all__ = ['plot_cka_curves', 'plot_cka_heatmap', 'plot_attention_diversity', 'plot_attention_grid']
+__all__ = ['plot_cka_curves', 'plot_cka_run_curves', 'plot_cka_heatmap', 'plot_attention_diversity',
+           'plot_attention_grid']
 
 PathLike = Union[str, Path]
 
@@ -53,6 +54,12 @@ def plot_cka_curves(curves: Mapping[str, Sequence[float]], path: PathLike, norma
             y = c
             label = f'{name} ({len(c)} blocks)'
         ax.plot(x, y, marker='o', markersize=3.5, label=label)
+    _depth_axes(ax, normalised, title)
+    return _save(fig, path)
+
+
+def _depth_axes(ax: plt.Axes, normalised: bool, title: Optional[str]) -> None:
+    """Labels, limits and title of a CKA-with-the-last-block plot over relative depth."""
     ax.set_xlabel('relative depth (block index / (blocks − 1))')
     if normalised:
         ax.set_ylabel('normalised CKA with the last block\n(0 = first block, 1 = last block)')
@@ -66,6 +73,26 @@ def plot_cka_curves(curves: Mapping[str, Sequence[float]], path: PathLike, norma
     ax.legend(fontsize=8, loc='best')
     ax.set_title(title or ('How fast block features converge to the last block (normalised CKA)' if normalised
                            else 'Similarity of each block to the last block (linear CKA)'), fontsize=10)
+
+
+def plot_cka_run_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: PathLike,
+                        title: Optional[str] = None) -> Path:
+    """The normalised CKA-with-the-last-block curve of several runs per model (e.g. one per seed):
+    each run's a thin line, their mean a thick one in the same colour, so the spread between seeds
+    shows beside the difference between models."""
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), constrained_layout=True)
+    for k, (name, runs) in enumerate(curves.items()):
+        colour = f'C{k % 10}'
+        ys = np.array([normalised_curve(c) for c in runs], dtype=np.float64)  # (runs, blocks)
+        x = _depth(ys.shape[1])
+        for y in ys:
+            ax.plot(x, y, color=colour, lw=0.8, alpha=0.45)
+        first_last = np.array([c[0] for c in runs], dtype=np.float64)
+        spread = f' ± {first_last.std(ddof=1):.3f}' if len(runs) > 1 else ''
+        ax.plot(x, np.nanmean(ys, axis=0), color=colour, lw=2.2, marker='o', markersize=3.5,
+                label=f'{name} ({len(runs)} run{"s" if len(runs) > 1 else ""}; raw CKA first–last = '
+                      f'{first_last.mean():.3f}{spread})')
+    _depth_axes(ax, True, title or 'Normalised CKA with the last block: each run thin, their mean thick')
     return _save(fig, path)
 
 
