@@ -143,6 +143,10 @@ def test_summary_errors_say_what_was_expected(tmp_path, capsys):
     deeper = _write(tmp_path / 'deep' / 'cka.json', _cka({'refiner': 0.5}, {'refiner': (0, 0, 0)}, blocks=6))
     with pytest.raises(SummaryError, match='4 blocks in one analysis and 6'):
         summarize(read_analyses([tmp_path / 's0', deeper]))
+    broken = _cka({'refiner': 0.5}, {'refiner': (0, 0, 0)})
+    del broken['models']['refiner']['normalised_at_depth']
+    with pytest.raises(SummaryError, match="lacks 'normalised_at_depth'"):
+        summarize(read_analyses([_write(tmp_path / 'old' / 'cka.json', broken)]))
     with pytest.raises(SummaryError, match="reference model 'deit'"):
         summarize(read_analyses([tmp_path / 's0']), reference='deit')
     assert main(['analyze', 'summary', str(tmp_path / 'missing')]) != 0

@@ -1,7 +1,7 @@
 """Over-smoothing over seeds: several ``refiner analyze`` results of the same models, mean ± std per model.
 
-One trained model per architecture says little about over-smoothing: on Fashion-MNIST the normalised
-CKA curves of two seeds of the same Refiner differ by more than the gap between architectures. So
+One trained model per architecture says little about over-smoothing: the normalised CKA curves of two
+seeds of one architecture can differ by more than those of two architectures. So
 ``refiner analyze summary`` reads the cka.json and attention.json files of several analyses (one per
 seed, say) and reports, for each model label, mean ± std over the files that contain it:
 
@@ -119,7 +119,12 @@ def summarize(analyses: Dict[str, List[Tuple[Path, Dict[str, Any]]]],
         for path, payload in analyses[kind]:
             for label, entry in payload['models'].items():
                 measures = values.setdefault(label, {})
-                for name, v in _per_file_measures(kind, entry).items():
+                try:
+                    found = _per_file_measures(kind, entry)
+                except (KeyError, TypeError) as e:
+                    raise SummaryError(f'{path}: the entry of {label} lacks {e}; expected a file written by '
+                                       f'`refiner analyze {kind}`') from None
+                for name, v in found.items():
                     if v is not None:
                         measures.setdefault(name, []).append(v)
                 if kind == 'cka':
