@@ -14,6 +14,7 @@ import torch  # noqa: E402
 from matplotlib.colors import Normalize, TwoSlopeNorm  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+from ..spread import format_stat, seed_stats  # noqa: E402
 from .cka import normalised_curve  # noqa: E402
 
 __all__ = ['plot_cka_curves', 'plot_cka_run_curves', 'plot_cka_heatmap', 'plot_attention_diversity',
@@ -87,11 +88,9 @@ def plot_cka_run_curves(curves: Mapping[str, Sequence[Sequence[float]]], path: P
         x = _depth(ys.shape[1])
         for y in ys:
             ax.plot(x, y, color=colour, lw=0.8, alpha=0.45)
-        first_last = np.array([c[0] for c in runs], dtype=np.float64)
-        spread = f' ± {first_last.std(ddof=1):.3f}' if len(runs) > 1 else ''
+        first_last = format_stat(seed_stats([c[0] for c in runs]), digits=3)
         ax.plot(x, np.nanmean(ys, axis=0), color=colour, lw=2.2, marker='o', markersize=3.5,
-                label=f'{name} ({len(runs)} run{"s" if len(runs) > 1 else ""}; raw CKA first–last = '
-                      f'{first_last.mean():.3f}{spread})')
+                label=f'{name} ({len(runs)} run{"s" if len(runs) > 1 else ""}; raw CKA first–last = {first_last})')
     _depth_axes(ax, True, title or 'Normalised CKA with the last block: each run thin, their mean thick')
     return _save(fig, path)
 
