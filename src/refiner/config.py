@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import yaml
 
+from .data_specs import parse_data_spec
 from .defaults import DERIVABLE
 from .errors import RefinerError
 
@@ -186,10 +187,8 @@ def default_recipe(data: Optional[str]) -> Optional[str]:
     """The recipe a run on ``data`` starts from when none is given: the one named after a dataset
     refiner knows (``default`` for the digits, ``digits_clutter``, ``fashion_mnist`` with or without
     its ``:DIR``), none for a user's dataset (then :class:`TrainConfig`'s DeiT-style defaults apply)."""
-    if data is None:
-        return 'default'
-    name = data.partition(':')[0] if data.startswith('fashion_mnist') and not Path(data).exists() else data
-    return {'digits': 'default', 'digits_clutter': 'digits_clutter', 'fashion_mnist': 'fashion_mnist'}.get(name)
+    kind = parse_data_spec(data).kind
+    return {'digits': 'default', 'digits_clutter': 'digits_clutter', 'fashion_mnist': 'fashion_mnist'}.get(kind)
 
 
 def load_recipe(name_or_path: str, _seen: tuple = ()) -> Dict[str, Any]:

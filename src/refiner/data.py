@@ -26,6 +26,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
 from . import fashion_mnist
+from .data_specs import EMBEDDED_DATASETS, parse_data_spec
 from .errors import RefinerError
 from .sampling import EpochSampler, SeededTransformDataset, SkipLog, collate_skipping
 
@@ -34,7 +35,6 @@ __all__ = [
     'safe_posterize', 'eval_transform', 'EMBEDDED_DATASETS', 'dataset_targets',
 ]
 
-EMBEDDED_DATASETS = ('digits', 'digits_clutter')  # shipped inside the installed package
 IMG_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.gif', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 
 
@@ -375,11 +375,11 @@ def build_datasets(data: Optional[str], fraction: float = 1.0, fraction_seed: in
     ``name/...``: a timm spec. ``fraction`` keeps a stratified fraction of the training split;
     ``classes`` keeps only those classes (relabelled 0..k-1 in that order), e.g. to pretrain on some
     classes and fine-tune on the others."""
-    if data in (None, '', *EMBEDDED_DATASETS):
-        return _digits(fraction, fraction_seed, classes, clutter=data == 'digits_clutter')
-    name, _, root = (data or '').partition(':')
-    if name == 'fashion_mnist' and not Path(data).exists():
-        return _fashion_mnist(root or None, fraction, fraction_seed, classes)
-    if '/' in data and data.split('/', 1)[0] in ('tfds', 'hfds', 'hfids', 'wds', 'torch') and not Path(data).exists():
-        return _timm_spec(name, root or None, fraction, fraction_seed, classes)
-    return _image_folder(Path(data).expanduser(), fraction, fraction_seed, classes)
+    spec = parse_data_spec(data)
+    if spec.kind in EMBEDDED_DATASETS:
+        return _digits(fraction, fraction_seed, classes, clutter=spec.kind == 'digits_clutter')
+    if spec.kind == 'fashion_mnist':
+        return _fashion_mnist(spec.root, fraction, fraction_seed, classes)
+    if spec.kind == 'timm':
+        return _timm_spec(spec.name, spec.root, fraction, fraction_seed, classes)
+    return _image_folder(Path(spec.name).expanduser(), fraction, fraction_seed, classes)

@@ -1,0 +1,38 @@
+"""What a ``--data`` value names: an embedded dataset, Fashion-MNIST, a timm spec, or an image folder.
+
+One reading of the spec for everything that depends on it: :func:`refiner.data.build_datasets`
+builds the datasets from it and :func:`refiner.config.default_recipe` picks the recipe of a dataset
+refiner knows. An existing folder always wins over a name (a folder called ``fashion_mnist`` is an
+image folder), except the embedded digits, which exist only inside the package.
+"""
+from pathlib import Path
+from typing import NamedTuple, Optional
+
+__all__ = ['EMBEDDED_DATASETS', 'TIMM_SPEC_PREFIXES', 'DataSpec', 'parse_data_spec']
+
+EMBEDDED_DATASETS = ('digits', 'digits_clutter')  # shipped inside the installed package
+TIMM_SPEC_PREFIXES = ('tfds', 'hfds', 'hfids', 'wds', 'torch')  # timm's create_dataset readers, 'torch/cifar10'
+
+
+class DataSpec(NamedTuple):
+    """``kind``: 'digits', 'digits_clutter', 'fashion_mnist', 'timm' or 'folder'; ``name``: the timm
+    spec without its root, or the folder; ``root``: the folder after ':' (Fashion-MNIST, timm), or None."""
+    kind: str
+    name: str
+    root: Optional[str]
+
+
+def parse_data_spec(data: Optional[str]) -> DataSpec:
+    """``None`` or '' -> the embedded digits; 'digits_clutter'; 'fashion_mnist[:DIR]'; 'torch/NAME[:DIR]'
+    (and timm's other readers); anything else: an image folder."""
+    if data in (None, ''):
+        return DataSpec('digits', 'digits', None)
+    if data in EMBEDDED_DATASETS:
+        return DataSpec(data, data, None)
+    name, _, root = data.partition(':')
+    if not Path(data).exists():
+        if name == 'fashion_mnist':
+            return DataSpec('fashion_mnist', name, root or None)
+        if '/' in name and name.split('/', 1)[0] in TIMM_SPEC_PREFIXES:
+            return DataSpec('timm', name, root or None)
+    return DataSpec('folder', data, None)
