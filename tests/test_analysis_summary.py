@@ -21,12 +21,12 @@ def _cka(first_last, at, blocks=4, data='fashion_mnist'):
         models[label] = {'cka_with_last': curve, 'cka_first_last': c0,
                          'normalised_at_depth': {'0.25': at[label][0], '0.50': at[label][1], '0.75': at[label][2]}}
     return {'estimator': 'minibatch linear CKA', 'data': data, 'split': 'held-out', 'dataset': 'Fashion-MNIST',
-            'models': models}
+            'num_images': 1000, 'models': models}
 
 
 def _attention(rows, data='fashion_mnist'):
     """An attention.json payload; ``rows``: label -> list of (kind, head_sim, before, cross)."""
-    return {'metrics': {}, 'data': data, 'split': 'held-out', 'dataset': 'Fashion-MNIST', 'models': {
+    return {'metrics': {}, 'data': data, 'split': 'held-out', 'dataset': 'Fashion-MNIST', 'num_images': 256, 'models': {
         label: {'blocks': [{'block': i, 'kind': kind, 'head_similarity': h, 'head_similarity_before': b,
                             'cross_block_similarity': c} for i, (kind, h, b, c) in enumerate(blocks)]}
         for label, blocks in rows.items()}}
@@ -49,7 +49,10 @@ def _three_seeds(tmp_path):
         _write(tmp_path / f's{s}' / 'cka' / 'cka.json', _cka(first_last, at))
         _write(tmp_path / f's{s}' / 'attention' / 'attention.json', _attention({
             'refiner': [('attention', 0.4, None, None), ('refining', -0.1 * s, 0.4, 0.02 * s)],
-            'vit': [('attention', 0.2, None, None), ('attention', 0.1 + 0.01 * s, None, 0.15)]}))
+            'vit': [('attention', 0.2, None, None), ('attention', 0.1 + 0.01 * s, None, 0.15)],
+            # refine_vit's blocks refine their own map
+            'deit_refined': [('attention+refine', 0.1, 0.3, None), ('attention', 0.2, None, 0.1)]},
+            data='fashion_mnist:/elsewhere' if s == 2 else 'fashion_mnist'))
     return fl
 
 
@@ -64,6 +67,8 @@ def test_seed_statistics_and_the_spread_rule():
     assert format_stat(compare_to(b, a)) == '2.50 ± 1.00 (+0.50, within spread)'
     assert format_stat(far) == '5.05 ± 0.07 (+3.05)' and format_stat(single) == '4.00 (+2.00)'
     assert compare_to(a, None)['diff'] is None
+    at_the_edge = compare_to(seed_stats([2.0, 3.0, 4.0]), a)  # a difference equal to the spread is outside it
+    assert at_the_edge['diff'] == at_the_edge['std'] == 1.0 and at_the_edge['within_spread'] is False
     with pytest.raises(ValueError):
         seed_stats([])
 
@@ -80,8 +85,9 @@ def test_summary_means_over_seeds_and_marks_the_spread(tmp_path):
     assert vit['cka_first_last']['diff'] == pytest.approx(0.20) and vit['cka_first_last']['within_spread'] is False
     # normalised CKA at 25%: refiner 0, .1, .2; vit .2, .3, .4: +0.2, outside a spread of 0.1
     assert ref['normalised_cka_0.25']['values'] == pytest.approx([0.0, 0.1, 0.2])
-    assert vit['normalised_cka_0.25']['diff'] == pytest.approx(0.2)
-    assert vit['normalised_cka_0.50']['diff'] == pytest.approx(0.3)
+    assert vit['normalised_cka_0.25']['diff'] == pytest.approx(0.2) and not vit['normalised_cka_0.25']['within_spread']
+    assert vit['normalised_cka_0.50']['diff'] == pytest.approx(0.3) and not vit['normalised_cka_0.50']['within_spread']
+    assert vit['normalised_cka_0.75']['within_spread'] is False
     # head similarity: the mean over blocks per file, then over files
     assert ref['head_similarity']['values'] == pytest.approx([0.2, 0.15, 0.1])
     assert ref['head_similarity_refined']['values'] == pytest.approx([0.0, -0.1, -0.2])
@@ -89,6 +95,9 @@ def test_summary_means_over_seeds_and_marks_the_spread(tmp_path):
     assert ref['cross_block_similarity']['values'] == pytest.approx([0.0, 0.02, 0.04])
     assert 'head_similarity_refined' not in vit  # no refining block
     assert vit['head_similarity']['values'] == pytest.approx([0.15, 0.155, 0.16])
+    refined = summary['models']['deit_refined']['measures']
+    assert refined['head_similarity_refined']['values'] == pytest.approx([0.1] * 3)
+    assert refined['head_similarity_before']['mean'] == pytest.approx(0.3)
     resnet = summary['models']['resnet18']
     assert resnet['measures']['cka_first_last']['n'] == 1 and resnet['measures']['cka_first_last']['std'] is None
     assert len(summary['models']['refiner']['cka_with_last']) == 3
@@ -104,9 +113,17 @@ def test_summary_command_writes_table_json_and_figure(tmp_path, capsys):
     table = (out / 'summary.md').read_text()
     assert '| refiner (3 CKA, 2 attention runs) | 0.65 ± 0.05 (-0.20) |' in table
     assert '| resnet18 (1 run) | 0.60 (-0.25) |' in table
+    assert 'images per analysis: 1000 (CKA), 256 (attention)' in table
     saved = json.loads((out / 'summary.json').read_text())
     assert saved['reference'] == 'vit' and saved['table'] == table.strip()
     assert (out / 'cka_curves_normalised.png').stat().st_size > 10_000
+
+
+def test_a_file_named_twice_counts_once(tmp_path):
+    _three_seeds(tmp_path)
+    again = tmp_path / 's0' / 'cka' / '..' / 'cka' / 'cka.json'
+    analyses = read_analyses([tmp_path / 's0' / 'cka' / 'cka.json', again, tmp_path / 's0'])
+    assert len(analyses['cka']) == 1 and len(analyses['attention']) == 1
 
 
 def test_summary_of_real_analyses(tmp_path):
@@ -143,10 +160,11 @@ def test_summary_errors_say_what_was_expected(tmp_path, capsys):
     deeper = _write(tmp_path / 'deep' / 'cka.json', _cka({'refiner': 0.5}, {'refiner': (0, 0, 0)}, blocks=6))
     with pytest.raises(SummaryError, match='4 blocks in one analysis and 6'):
         summarize(read_analyses([tmp_path / 's0', deeper]))
-    broken = _cka({'refiner': 0.5}, {'refiner': (0, 0, 0)})
-    del broken['models']['refiner']['normalised_at_depth']
-    with pytest.raises(SummaryError, match="lacks 'normalised_at_depth'"):
-        summarize(read_analyses([_write(tmp_path / 'old' / 'cka.json', broken)]))
+    for key in ('normalised_at_depth', 'cka_with_last'):
+        broken = _cka({'refiner': 0.5, 'vit': 0.6}, {'refiner': (0, 0, 0), 'vit': (0, 0, 0)})
+        del broken['models']['vit'][key]  # the second model: the file's kind is read from the first
+        with pytest.raises(SummaryError, match='the entry of vit is incomplete'):
+            summarize(read_analyses([_write(tmp_path / key / 'cka.json', broken)]))
     with pytest.raises(SummaryError, match="reference model 'deit'"):
         summarize(read_analyses([tmp_path / 's0']), reference='deit')
     assert main(['analyze', 'summary', str(tmp_path / 'missing')]) != 0

@@ -20,6 +20,7 @@ from .data import (
     collate_skipping,
     eval_transform,
 )
+from .data_specs import parse_data_spec
 from .devices import all_reduce, model_dtype, resolve_device, resolve_model_dtype
 from .pretrained import load_model
 
@@ -76,7 +77,8 @@ def evaluate_checkpoint(checkpoint: str, data: Optional[str] = None, split: str 
             raise DataError(f'{checkpoint} does not say which dataset it was trained on: give --data DIR')
     fraction = 1.0  # evaluation always uses the whole split
     # the classes the model was trained on, where its dataset is the one evaluated
-    same_data = data == run_cfg.get('data') if run_cfg else data in (None, 'digits')
+    spec = parse_data_spec(data)[:2]  # (kind, name): fashion_mnist and fashion_mnist:DIR are one dataset
+    same_data = spec == parse_data_spec(run_cfg.get('data'))[:2] if run_cfg else spec[0] == 'digits'
     trained_on = (run_cfg.get('classes') or info['classes']) if same_data else None
     datasets = build_datasets(data, fraction, classes=trained_on)
     num_classes = getattr(model, 'num_classes', None)

@@ -5,20 +5,19 @@ One rule for every table that compares models trained with several seeds (``refi
 seed), and a difference of means counts as *within the spread* when it is smaller than the larger
 of the two standard deviations; with one seed on either side nothing is said.
 """
-import math
 from typing import Any, Dict, Optional, Sequence
+
+import numpy as np
 
 __all__ = ['seed_stats', 'compare_to', 'format_stat']
 
 
 def seed_stats(values: Sequence[float]) -> Dict[str, Any]:
     """``{'mean', 'std', 'n'}`` of one measure over seeds; ``std`` is None for a single value."""
-    xs = [float(v) for v in values]
-    if not xs:
+    xs = np.asarray(values, dtype=np.float64)
+    if xs.size == 0:
         raise ValueError('seed_stats needs at least one value')
-    mean = sum(xs) / len(xs)
-    std = math.sqrt(sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else None
-    return {'mean': mean, 'std': std, 'n': len(xs)}
+    return {'mean': float(xs.mean()), 'std': float(xs.std(ddof=1)) if xs.size > 1 else None, 'n': int(xs.size)}
 
 
 def compare_to(stats: Dict[str, Any], reference: Optional[Dict[str, Any]]) -> Dict[str, Any]:

@@ -21,13 +21,19 @@ from .attention_maps import (
     head_similarity,
     refine_stages,
 )
-from .cka import MinibatchCKA, curve_at, hsic_unbiased, linear_cka, normalised_curve
+from .cka import DEPTHS, MinibatchCKA, curve_at, hsic_unbiased, linear_cka, normalised_curve
 from .features import AnalysisError, NoIntermediatesError, block_features, iterate_features
-from .plots import plot_attention_diversity, plot_attention_grid, plot_cka_curves, plot_cka_heatmap
+from .plots import (
+    plot_attention_diversity,
+    plot_attention_grid,
+    plot_cka_curves,
+    plot_cka_heatmap,
+    plot_cka_run_curves,
+)
 
 __all__ = [
-    'AnalysisError', 'AttentionDiversity', 'MinibatchCKA', 'NoAttentionError', 'NoIntermediatesError',
+    'DEPTHS', 'AnalysisError', 'AttentionDiversity', 'MinibatchCKA', 'NoAttentionError', 'NoIntermediatesError',
     'attention_blocks', 'attention_maps', 'block_features', 'cross_block_similarity', 'curve_at', 'head_similarity',
     'hsic_unbiased', 'iterate_features', 'linear_cka', 'normalised_curve', 'plot_attention_diversity',
-    'plot_attention_grid', 'plot_cka_curves', 'plot_cka_heatmap', 'refine_stages',
+    'plot_attention_grid', 'plot_cka_curves', 'plot_cka_heatmap', 'plot_cka_run_curves', 'refine_stages',
 ]

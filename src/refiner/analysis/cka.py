@@ -193,6 +193,9 @@ class MinibatchCKA:
         return cka.numpy()
 
 
+DEPTHS = (0.25, 0.5, 0.75)  # relative depths at which normalised curves are reported
+
+
 def normalised_curve(curve: Sequence[float]) -> List[float]:
     """The paper-style normalised CKA-with-the-last-block curve:
     ``(CKA(i, last) − CKA(first, last)) / (1 − CKA(first, last))``, 0 at the first block, 1 at the

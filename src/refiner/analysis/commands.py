@@ -147,7 +147,7 @@ def add_summary_args(parser: argparse.ArgumentParser) -> None:
                         help='cka.json / attention.json files written by `refiner analyze cka` / `attention`, or '
                              'folders holding them (searched recursively), e.g. one analysis per seed')
     parser.add_argument('--reference', help='the model the others are compared with (default: the first model '
-                                            'of the first file)')
+                                            'of the first CKA result, else of the first attention result)')
     parser.add_argument('--out', default='runs/analysis/summary', help='output folder (default '
                                                                        'runs/analysis/summary)')
 

@@ -13,7 +13,7 @@ import torch
 
 from ..data import eval_transform
 from .attention_maps import AttentionDiversity, attention_blocks, attention_maps
-from .cka import MinibatchCKA, curve_at, normalised_curve
+from .cka import DEPTHS, MinibatchCKA, curve_at, normalised_curve
 from .features import AnalysisError, block_features
 from .inputs import (
     BlockIndexError,
@@ -28,8 +28,6 @@ from .inputs import (
 )
 
 __all__ = ['DEPTHS', 'block_cka', 'attention_diversity', 'show_attention']
-
-DEPTHS = (0.25, 0.5, 0.75)
 
 ATTENTION_METRICS = {
     'head_similarity': 'mean pairwise cosine similarity between the heads\' flattened N×N maps of a block',

@@ -18,24 +18,31 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
+from ..data_specs import parse_data_spec
 from ..spread import compare_to, format_stat, seed_stats
-from .compute import DEPTHS
+from .cka import DEPTHS
 from .features import AnalysisError
 
 __all__ = ['MEASURES', 'read_analyses', 'summarize', 'format_summary_table', 'write_summary']
 
+
+
+def _depth_measure(q: float) -> str:
+    return f'normalised_cka_{q:.2f}'
+
+
 # measure -> (column heading, what it is); the order of the table's columns
 MEASURES = {
     'cka_first_last': ('CKA(first, last)', 'linear CKA between the first and the last block'),
-    **{f'normalised_cka_{q:.2f}': (f'normalised CKA at {q:.0%} depth',
+    **{_depth_measure(q): (f'normalised CKA at {q:.0%} depth',
                                    f'(CKA(block, last) - CKA(first, last)) / (1 - CKA(first, last)) at '
                                    f'{q:.0%} of the depth: 0 = like the first block, 1 = like the last')
        for q in DEPTHS},
     'head_similarity': ('head similarity', "cosine similarity between a block's heads' maps, mean over blocks"),
-    'head_similarity_refined': ('head similarity after refinement', 'the same over refining blocks only, of the '
-                                                                     'maps after refinement'),
-    'head_similarity_before': ('head similarity before refinement', 'the same over refining blocks only, of the '
-                                                                     'maps before refinement (the handed-over map)'),
+    'head_similarity_refined': ('head similarity after refinement', 'the same over the blocks that refine a map '
+                                                                     'only, of the maps after refinement'),
+    'head_similarity_before': ('head similarity before refinement', 'the same over the blocks that refine a map '
+                                                                     'only, of the maps before refinement'),
     'cross_block_similarity': ('cross-block similarity', "cosine similarity between a head's map and the previous "
                                                          "block's, mean over blocks"),
 }
@@ -73,7 +80,7 @@ def read_analyses(paths: Sequence[Union[str, Path]]) -> Dict[str, List[Tuple[Pat
         else:
             raise SummaryError(f'{p} does not exist; expected a cka.json, an attention.json or a folder holding them')
     out: Dict[str, List[Tuple[Path, Dict[str, Any]]]] = {'cka': [], 'attention': []}
-    for f in dict.fromkeys(files):
+    for f in {f.resolve(): f for f in files}.values():  # one file named twice (relative, absolute, a link) once
         try:
             payload = json.loads(f.read_text())
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -83,7 +90,8 @@ def read_analyses(paths: Sequence[Union[str, Path]]) -> Dict[str, List[Tuple[Pat
         if kind is None:
             raise SummaryError(f'{f} is not a result of `refiner analyze cka` or `refiner analyze attention`')
         out[kind].append((f, payload))
-    datasets = {(p.get('data'), p.get('split')) for results in out.values() for _, p in results}
+    # fashion_mnist and fashion_mnist:DIR are one dataset
+    datasets = {(parse_data_spec(p.get('data')).name, p.get('split')) for results in out.values() for _, p in results}
     if len(datasets) > 1:
         names = ', '.join(sorted(f'{d} ({s})' for d, s in datasets))
         raise SummaryError(f'the analyses are of different data: {names}; a summary combines analyses of one '
@@ -100,9 +108,10 @@ def _per_file_measures(kind: str, entry: Dict[str, Any]) -> Dict[str, Optional[f
     """One model's measures in one analysis file."""
     if kind == 'cka':
         return {'cka_first_last': entry['cka_first_last'],
-                **{f'normalised_cka_{q:.2f}': entry['normalised_at_depth'][f'{q:.2f}'] for q in DEPTHS}}
+                **{_depth_measure(q): entry['normalised_at_depth'][f'{q:.2f}'] for q in DEPTHS}}
     blocks = entry['blocks']
-    refining = [b for b in blocks if b['kind'] == 'refining']
+    # refining blocks (handed-over map) and attention+refine ones (refine_vit): both have a map before refinement
+    refining = [b for b in blocks if b.get('head_similarity_before') is not None]
     return {'head_similarity': _mean([b['head_similarity'] for b in blocks]),
             'head_similarity_refined': _mean([b['head_similarity'] for b in refining]),
             'head_similarity_before': _mean([b.get('head_similarity_before') for b in refining]),
@@ -112,7 +121,8 @@ def _per_file_measures(kind: str, entry: Dict[str, Any]) -> Dict[str, Optional[f
 def summarize(analyses: Dict[str, List[Tuple[Path, Dict[str, Any]]]],
               reference: Optional[str] = None) -> Dict[str, Any]:
     """Per model label: every measure's per-file values and their mean ± std, compared with
-    ``reference`` (default: the first model of the first file); the normalised CKA curves per file."""
+    ``reference`` (default: the first model of the first CKA file, else of the first attention file);
+    the CKA-with-the-last-block curves per file."""
     values: Dict[str, Dict[str, List[float]]] = {}
     curves: Dict[str, List[List[float]]] = {}
     for kind in ('cka', 'attention'):
@@ -121,14 +131,14 @@ def summarize(analyses: Dict[str, List[Tuple[Path, Dict[str, Any]]]],
                 measures = values.setdefault(label, {})
                 try:
                     found = _per_file_measures(kind, entry)
-                except (KeyError, TypeError) as e:
-                    raise SummaryError(f'{path}: the entry of {label} lacks {e}; expected a file written by '
+                    curve = [float(v) for v in entry['cka_with_last']] if kind == 'cka' else None
+                except (KeyError, TypeError, ValueError):
+                    raise SummaryError(f'{path}: the entry of {label} is incomplete; expected a file written by '
                                        f'`refiner analyze {kind}`') from None
                 for name, v in found.items():
                     if v is not None:
                         measures.setdefault(name, []).append(v)
-                if kind == 'cka':
-                    curve = entry['cka_with_last']
+                if curve is not None:
                     seen = curves.setdefault(label, [])
                     if seen and len(seen[0]) != len(curve):
                         raise SummaryError(f'{label} has {len(seen[0])} blocks in one analysis and {len(curve)} '
@@ -152,6 +162,8 @@ def summarize(analyses: Dict[str, List[Tuple[Path, Dict[str, Any]]]],
     return {
         'data': first.get('data'), 'split': first.get('split'), 'dataset': first.get('dataset'),
         'files': {kind: [str(p) for p, _ in analyses[kind]] for kind in ('cka', 'attention')},
+        'num_images': {kind: sorted({p.get('num_images') for _, p in analyses[kind]}, key=str)
+                       for kind in ('cka', 'attention')},
         'reference': reference, 'measures': {k: v[1] for k, v in MEASURES.items()}, 'models': models,
     }
 
@@ -166,6 +178,12 @@ def _runs(measures: Dict[str, Any]) -> str:
     return ', '.join(f'{n} {kind}' for kind, n in counts.items()) + ' runs'
 
 
+def _images(num_images: Dict[str, List[Any]]) -> str:
+    """'1000 (CKA), 256 (attention)'; several counts for one kind are all listed (analyses that differ)."""
+    return ', '.join(f'{" / ".join(map(str, ns))} ({"CKA" if kind == "cka" else kind})'
+                     for kind, ns in num_images.items() if ns)
+
+
 def format_summary_table(summary: Dict[str, Any]) -> str:
     """The summary as a markdown table: a row per model, a column per measure present."""
     used = [m for m in MEASURES if any(m in e['measures'] for e in summary['models'].values())]
@@ -177,7 +195,7 @@ def format_summary_table(summary: Dict[str, Any]) -> str:
                   f'the difference of means from {summary["reference"]}, "within spread" when it is smaller than '
                   f'the larger of the two standard deviations. Lower similarity = more diverse; a higher normalised '
                   f'CKA = features that reach their final form earlier. Data: {summary["dataset"]}, '
-                  f'{summary["split"]} split.']
+                  f'{summary["split"]} split; images per analysis: {_images(summary["num_images"])}.']
     return '\n'.join(lines)
 
 
