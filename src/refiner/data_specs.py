@@ -1,9 +1,10 @@
 """What a ``--data`` value names: an embedded dataset, Fashion-MNIST, a timm spec, or an image folder.
 
 One reading of the spec for everything that depends on it: :func:`refiner.data.build_datasets`
-builds the datasets from it and :func:`refiner.config.default_recipe` picks the recipe of a dataset
-refiner knows. An existing folder always wins over a name (a folder called ``fashion_mnist`` is an
-image folder), except the embedded digits, which exist only inside the package.
+builds the datasets from it, :func:`refiner.config.default_recipe` picks the recipe of a dataset
+refiner knows, and evaluation and ``refiner analyze summary`` tell whether two specs name one
+dataset. An existing folder always wins over a name (a folder called ``fashion_mnist`` is an image
+folder), except the embedded digits, which exist only inside the package.
 """
 from pathlib import Path
 from typing import NamedTuple, Optional

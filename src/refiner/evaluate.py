@@ -77,8 +77,9 @@ def evaluate_checkpoint(checkpoint: str, data: Optional[str] = None, split: str 
             raise DataError(f'{checkpoint} does not say which dataset it was trained on: give --data DIR')
     fraction = 1.0  # evaluation always uses the whole split
     # the classes the model was trained on, where its dataset is the one evaluated
-    spec = parse_data_spec(data)[:2]  # (kind, name): fashion_mnist and fashion_mnist:DIR are one dataset
-    same_data = spec == parse_data_spec(run_cfg.get('data'))[:2] if run_cfg else spec[0] == 'digits'
+    evaluated = parse_data_spec(data)
+    trained = parse_data_spec(run_cfg.get('data')) if run_cfg else parse_data_spec(None)
+    same_data = (evaluated.kind, evaluated.name) == (trained.kind, trained.name)  # whatever the :DIR
     trained_on = (run_cfg.get('classes') or info['classes']) if same_data else None
     datasets = build_datasets(data, fraction, classes=trained_on)
     num_classes = getattr(model, 'num_classes', None)

@@ -7,9 +7,9 @@ seed, say) and reports, for each model label, mean ± std over the files that co
 
 - from cka.json: CKA(first block, last block) and the normalised CKA with the last block at
   25 / 50 / 75% depth (how early features converge to the final ones; the paper's figure);
-- from attention.json: head similarity averaged over blocks (over-smoothing across heads), for
-  refining blocks that of the maps after and before refinement, and the cross-block similarity
-  averaged over blocks (DeepViT's attention collapse).
+- from attention.json: head similarity averaged over blocks (over-smoothing across heads), over
+  the blocks that refine a map that of the maps after and before refinement, and the cross-block
+  similarity averaged over blocks (DeepViT's attention collapse).
 
 Each difference from a reference model is marked as in ``refiner ablate`` (:mod:`refiner.spread`).
 """
@@ -26,7 +26,6 @@ from .features import AnalysisError
 __all__ = ['MEASURES', 'read_analyses', 'summarize', 'format_summary_table', 'write_summary']
 
 
-
 def _depth_measure(q: float) -> str:
     return f'normalised_cka_{q:.2f}'
 
@@ -35,8 +34,8 @@ def _depth_measure(q: float) -> str:
 MEASURES = {
     'cka_first_last': ('CKA(first, last)', 'linear CKA between the first and the last block'),
     **{_depth_measure(q): (f'normalised CKA at {q:.0%} depth',
-                                   f'(CKA(block, last) - CKA(first, last)) / (1 - CKA(first, last)) at '
-                                   f'{q:.0%} of the depth: 0 = like the first block, 1 = like the last')
+                           f'(CKA(block, last) - CKA(first, last)) / (1 - CKA(first, last)) at {q:.0%} of the '
+                           f'depth: 0 = like the first block, 1 = like the last')
        for q in DEPTHS},
     'head_similarity': ('head similarity', "cosine similarity between a block's heads' maps, mean over blocks"),
     'head_similarity_refined': ('head similarity after refinement', 'the same over the blocks that refine a map '
