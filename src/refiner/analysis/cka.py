@@ -196,6 +196,11 @@ class MinibatchCKA:
 DEPTHS = (0.25, 0.5, 0.75)  # relative depths at which normalised curves are reported
 
 
+def depth_key(fraction: float) -> str:
+    """The key of a relative depth in cka.json's ``normalised_at_depth``: '0.25', '0.50', '0.75'."""
+    return f'{fraction:.2f}'
+
+
 def normalised_curve(curve: Sequence[float]) -> List[float]:
     """The paper-style normalised CKA-with-the-last-block curve:
     ``(CKA(i, last) − CKA(first, last)) / (1 − CKA(first, last))``, 0 at the first block, 1 at the

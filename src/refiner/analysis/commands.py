@@ -33,7 +33,7 @@ from .inputs import (
     parse_model_args,
     parse_query,
 )
-from .summary import SummaryError, format_summary_table, read_analyses, summarize, write_summary
+from .summary import KIND_LABELS, SummaryError, format_summary_table, read_analyses, summarize, write_summary
 
 __all__ = [
     'UnknownModelError', 'QueryError', 'BlockIndexError', 'LoadedModel', 'load_analysis_model', 'parse_compare',
@@ -157,7 +157,8 @@ def run_summary(args: argparse.Namespace) -> int:
     analyses = read_analyses(args.results)
     summary = summarize(analyses, args.reference)
     files = write_summary(summary, args.out)
-    print(f'{len(analyses["cka"])} CKA and {len(analyses["attention"])} attention analyses of {summary["data"]}:')
+    counts = ' and '.join(f'{len(analyses[kind])} {label}' for kind, label in KIND_LABELS.items())
+    print(f'{counts} analyses of {summary["data"]}:')
     print(format_summary_table(summary))
     print(f'wrote {", ".join(str(f) for f in files)}')
     return 0

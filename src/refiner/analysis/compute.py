@@ -13,7 +13,7 @@ import torch
 
 from ..data import eval_transform
 from .attention_maps import AttentionDiversity, attention_blocks, attention_maps
-from .cka import DEPTHS, MinibatchCKA, curve_at, normalised_curve
+from .cka import DEPTHS, MinibatchCKA, curve_at, depth_key, normalised_curve
 from .features import AnalysisError, block_features
 from .inputs import (
     BlockIndexError,
@@ -100,7 +100,7 @@ def block_cka(models: Sequence[LoadedModel], data: Optional[str], out: Union[str
             'source': m.source, 'input_size': list(m.data_config['input_size']), 'num_blocks': len(curve),
             'feature_dims': d, 'matrix': matrix, 'cka_with_last': curve, 'normalised_cka_with_last': norm,
             'cka_first_last': curve[0],
-            'normalised_at_depth': {f'{q:.2f}': curve_at(norm, q) for q in DEPTHS},
+            'normalised_at_depth': {depth_key(q): curve_at(norm, q) for q in DEPTHS},
         }
         files.append(plot_cka_heatmap(matrix, out / f'cka_heatmap_{slug(m.label)}.png',
                                       f'{m.label}: linear CKA between blocks ({acc.num_examples} images)'))

@@ -20,14 +20,17 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 from ..data_specs import parse_data_spec
 from ..spread import compare_to, format_stat, seed_stats
-from .cka import DEPTHS
+from .cka import DEPTHS, depth_key
 from .features import AnalysisError
 
 __all__ = ['MEASURES', 'read_analyses', 'summarize', 'format_summary_table', 'write_summary']
 
 
 def _depth_measure(q: float) -> str:
-    return f'normalised_cka_{q:.2f}'
+    return f'normalised_cka_{depth_key(q)}'
+
+
+KIND_LABELS = {'cka': 'CKA', 'attention': 'attention'}  # how the two kinds of analysis are named in the text
 
 
 # measure -> (column heading, what it is); the order of the table's columns
@@ -107,7 +110,7 @@ def _per_file_measures(kind: str, entry: Dict[str, Any]) -> Dict[str, Optional[f
     """One model's measures in one analysis file."""
     if kind == 'cka':
         return {'cka_first_last': entry['cka_first_last'],
-                **{_depth_measure(q): entry['normalised_at_depth'][f'{q:.2f}'] for q in DEPTHS}}
+                **{_depth_measure(q): entry['normalised_at_depth'][depth_key(q)] for q in DEPTHS}}
     blocks = entry['blocks']
     # refining blocks (handed-over map) and attention+refine ones (refine_vit): both have a map before refinement
     refining = [b for b in blocks if b.get('head_similarity_before') is not None]
@@ -149,13 +152,11 @@ def summarize(analyses: Dict[str, List[Tuple[Path, Dict[str, Any]]]],
     if reference not in values:
         raise SummaryError(f'reference model {reference!r} is in none of the analyses; expected one of '
                            f'{", ".join(values)}')
+    ref_stats = {name: seed_stats(vs) for name, vs in values[reference].items()}
     models: Dict[str, Any] = {}
     for label, measures in values.items():
-        stats = {}
-        for name, vs in measures.items():
-            ref = values[reference].get(name)
-            ref_stats = seed_stats(ref) if ref and label != reference else None
-            stats[name] = dict(compare_to(seed_stats(vs), ref_stats), values=vs)
+        stats = {name: dict(compare_to(seed_stats(vs), None if label == reference else ref_stats.get(name)), values=vs)
+                 for name, vs in measures.items()}
         models[label] = {'measures': stats, 'cka_with_last': curves.get(label, [])}
     first = next(p for kind in ('cka', 'attention') for _, p in analyses[kind])
     return {
@@ -169,8 +170,8 @@ def summarize(analyses: Dict[str, List[Tuple[Path, Dict[str, Any]]]],
 
 def _runs(measures: Dict[str, Any]) -> str:
     """'3 runs', or '3 CKA, 2 attention runs' where the two analyses saw different runs of the model."""
-    counts = {kind: measures[m]['n'] for kind, m in (('CKA', 'cka_first_last'), ('attention', 'head_similarity'))
-              if m in measures}
+    counts = {KIND_LABELS[kind]: measures[m]['n']
+              for kind, m in (('cka', 'cka_first_last'), ('attention', 'head_similarity')) if m in measures}
     if len(set(counts.values())) <= 1:
         n = next(iter(counts.values()), 0)
         return f'{n} run{"s" if n > 1 else ""}'
@@ -179,7 +180,7 @@ def _runs(measures: Dict[str, Any]) -> str:
 
 def _images(num_images: Dict[str, List[Any]]) -> str:
     """'1000 (CKA), 256 (attention)'; several counts for one kind are all listed (analyses that differ)."""
-    return ', '.join(f'{" / ".join(map(str, ns))} ({"CKA" if kind == "cka" else kind})'
+    return ', '.join(f'{" / ".join(map(str, ns))} ({KIND_LABELS[kind]})'
                      for kind, ns in num_images.items() if ns)
 
 
