@@ -129,3 +129,30 @@ def test_version_and_no_progress_on_every_long_command(capsys):
                  ['analyze', 'cka', '--checkpoint', 'R'], ['analyze', 'attention', '--checkpoint', 'R'],
                  ['ablate'], ['bench'], ['export', 'out.onnx', '--format', 'onnx']):
         assert parser.parse_args([*argv, '--no-progress']).no_progress is True, argv
+
+
+@pytest.mark.parametrize('argv', [
+    ['train', '--out', '{bad}'],
+    ['ablate', '--out', '{bad}'],
+    ['analyze', 'cka', '--out', '{bad}'],
+    ['analyze', 'attention', '--out', '{bad}'],
+    ['analyze', 'summary', 'R', '--out', '{bad}'],
+    ['show-attention', 'x.png', '--out', '{bad}/a.png'],
+    ['eval', '--checkpoint', 'R', '--json', '{bad}/m.json'],
+    ['eval', '--checkpoint', 'R', '--confusion', '{bad}/c.png'],
+    ['predict', 'x.png', '--checkpoint', 'R', '--json', '{bad}/p.json'],
+    ['predict', 'x.png', '--checkpoint', 'R', '--csv', '{bad}/p.csv'],
+    ['bench', '--json', '{bad}/b.json'],
+    ['export', '{bad}/m.onnx', '--format', 'onnx'],
+    ['convert', 'src.pth', '{bad}/m.safetensors'],
+], ids=lambda argv: '-'.join(a for a in argv[:2] if not a.startswith('{')))
+def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(argv, tmp_path, capsys):
+    """Every output a command writes is checked as the arguments are read (a usage error, exit 2), not
+    after minutes of work as an ``OSError`` traceback: here a path inside an existing file."""
+    bad = tmp_path / 'a_file'
+    bad.write_text('not a folder')
+    with pytest.raises(SystemExit) as exit_:
+        main([a.format(bad=bad) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and 'Traceback' not in err
+    assert f'{bad} is a file' in err.splitlines()[-1], err

@@ -1,4 +1,4 @@
-"""refiner.fileio: files written atomically keep the umask's permissions."""
+"""refiner.fileio: files written atomically keep the umask's permissions; output paths are checked."""
 import os
 import stat
 
@@ -31,3 +31,29 @@ def test_written_files_keep_the_umask_permissions(tmp_path, umask, nano_checkpoi
     assert _mode(tmp_path / 'a.txt') == _mode(tmp_path / 'b.txt') == 0o666 & ~umask
     assert _mode(out) == _mode(tmp_path / 'plain') == 0o777 & ~umask
     assert _mode(out / 'model.safetensors') == _mode(out / 'config.json') == 0o666 & ~umask
+
+
+def test_output_problem_says_why_a_path_cannot_be_written(tmp_path):
+    from refiner.fileio import output_problem
+    a_file, a_folder = tmp_path / 'f.txt', tmp_path / 'd'
+    a_file.write_text('x')
+    a_folder.mkdir()
+    # writable: new or existing, at any depth under a folder
+    for path, kind in [(a_folder, 'folder'), (a_folder / 'new' / 'deep', 'folder'), (a_file, 'file'),
+                       (a_folder / 'new' / 'm.json', 'file'), (a_file, 'any'), (a_folder, 'any')]:
+        assert output_problem(path, kind) is None, (path, kind)
+    assert output_problem(a_file, 'folder') == f'{a_file} is a file; expected a folder'
+    assert output_problem(a_folder, 'file') == f'{a_folder} is a folder; expected a file name'
+    assert output_problem(a_file / 'sub' / 'm.json', 'file') == (
+        f'{a_file} is a file, so {a_file / "sub" / "m.json"} cannot be created inside it')
+    assert output_problem('', 'folder') == 'an empty path'
+    with pytest.raises(ValueError):
+        output_problem(a_folder, 'directory')
+
+
+@pytest.mark.skipif(not hasattr(os, 'geteuid') or os.geteuid() == 0, reason='root may write anywhere')
+def test_output_problem_refuses_a_folder_without_write_permission(tmp_path):
+    from refiner.fileio import output_problem
+    locked = tmp_path / 'locked'
+    locked.mkdir(mode=0o555)
+    assert output_problem(locked / 'run', 'folder') == f'{locked} is not writable'

@@ -7,13 +7,18 @@ current umask: ``tempfile`` (and safetensors' own writer) make files private, 06
 
 :func:`exclusive_lock`: one process at a time, with no stale lock after a kill. A folder written
 whole and renamed into place (:func:`held_temp_dir`) is locked by its writer while it is filled, so
-that :func:`remove_abandoned_temp_dirs` removes only those a killed writer left."""
+that :func:`remove_abandoned_temp_dirs` removes only those a killed writer left.
+
+:func:`output_folder`, :func:`output_file`, :func:`output_path`: argparse types that refuse, before any
+work is done, an output path that cannot be written (a file where a folder is wanted, a folder under a
+file, a folder without write permission)."""
+import argparse
 import os
 import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Union
+from typing import Callable, Iterator, Optional, Union
 
 try:
     import fcntl
@@ -21,7 +26,8 @@ except ImportError:  # Windows
     fcntl = None
 
 __all__ = ['apply_umask', 'atomic_write', 'atomic_write_text', 'exclusive_lock', 'make_temp_dir',
-           'remove_temporaries', 'held_temp_dir', 'remove_abandoned_temp_dirs']
+           'remove_temporaries', 'held_temp_dir', 'remove_abandoned_temp_dirs', 'output_problem', 'output_folder',
+           'output_file', 'output_path']
 
 _TMP_PREFIX, _TMP_SUFFIX = '.', '.tmp'  # a temporary is '.NAME.RANDOM.tmp' beside NAME
 
@@ -161,3 +167,42 @@ def remove_abandoned_temp_dirs(parent: Union[str, os.PathLike], name: str) -> in
         shutil.rmtree(path, ignore_errors=True)
         removed += 1
     return removed
+
+
+def output_problem(path: Union[str, os.PathLike], kind: str) -> Optional[str]:
+    """Why ``path`` cannot be written as an output of ``kind`` ('folder', 'file', or 'any' for either), or
+    None: it exists as the other kind, or the folder it would be created in is a file or is not writable."""
+    if kind not in ('folder', 'file', 'any'):
+        raise ValueError(f"kind must be 'folder', 'file' or 'any', not {kind!r}")
+    if not str(path):
+        return 'an empty path'
+    path = Path(path)
+    if path.exists():
+        if kind == 'folder' and not path.is_dir():
+            return f'{path} is a file; expected a folder'
+        if kind == 'file' and path.is_dir():
+            return f'{path} is a folder; expected a file name'
+    # where the output is created: the folder itself if it exists, else the nearest existing folder above
+    start = path if kind == 'folder' and path.is_dir() else path.parent
+    where = next((p for p in (start, *start.parents) if p.exists()), Path('.'))
+    if not where.is_dir():
+        return f'{where} is a file, so {path} cannot be created inside it'
+    if not os.access(where, os.W_OK | os.X_OK):
+        return f'{where} is not writable'
+    return None
+
+
+def _output_type(kind: str) -> Callable[[str], str]:
+    def check(value: str) -> str:
+        problem = output_problem(value, kind)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return value
+    check.__name__ = f'output_{kind}' if kind != 'any' else 'output_path'
+    return check
+
+
+# argparse types: ``add_argument('--out', type=output_folder)`` refuses a bad path as a usage error
+output_folder = _output_type('folder')
+output_file = _output_type('file')
+output_path = _output_type('any')

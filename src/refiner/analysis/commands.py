@@ -20,6 +20,7 @@ import math
 from typing import Any, Dict, List, Optional
 
 from ..devices import resolve_device
+from ..fileio import output_file, output_folder
 from .compute import DEPTHS, attention_diversity, block_cka, show_attention
 from .features import AnalysisError
 from .inputs import (
@@ -81,7 +82,8 @@ def _load_all(args: argparse.Namespace, device) -> List[LoadedModel]:
 def add_cka_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``refiner analyze cka``."""
     _common_args(parser, batch_size=64, max_images=512)
-    parser.add_argument('--out', default='runs/analysis/cka', help='output folder (default runs/analysis/cka)')
+    parser.add_argument('--out', type=output_folder, default='runs/analysis/cka',
+                        help='output folder (default runs/analysis/cka)')
 
 
 def run_cka(args: argparse.Namespace) -> int:
@@ -107,7 +109,7 @@ def run_cka(args: argparse.Namespace) -> int:
 def add_attention_args(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``refiner analyze attention``."""
     _common_args(parser, batch_size=8, max_images=64)
-    parser.add_argument('--out', default='runs/analysis/attention',
+    parser.add_argument('--out', type=output_folder, default='runs/analysis/attention',
                         help='output folder (default runs/analysis/attention)')
 
 
@@ -148,7 +150,7 @@ def add_summary_args(parser: argparse.ArgumentParser) -> None:
                              'folders holding them (searched recursively), e.g. one analysis per seed')
     parser.add_argument('--reference', help='the model the others are compared with (default: the first model '
                                             'of the first CKA result, else of the first attention result)')
-    parser.add_argument('--out', default='runs/analysis/summary', help='output folder (default '
+    parser.add_argument('--out', type=output_folder, default='runs/analysis/summary', help='output folder (default '
                                                                        'runs/analysis/summary)')
 
 
@@ -174,7 +176,7 @@ def add_show_attention_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--query', metavar='ROW,COL', help="query token in token-grid coordinates, or 'cls' "
                                                           "(default: the centre of the grid)")
     parser.add_argument('--img-size', type=int, help="input size (default: the checkpoint's, else the model's own)")
-    parser.add_argument('--out', help='output PNG (default: attention_<image>_block<I>.png)')
+    parser.add_argument('--out', type=output_file, help='output PNG (default: attention_<image>_block<I>.png)')
     parser.add_argument('--device', default='auto', help="'auto' (default), 'cpu' or 'cuda'")
 
 

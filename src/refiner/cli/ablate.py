@@ -1,6 +1,7 @@
 """``refiner ablate``: its arguments (the built-in arms' choices read from the arm table) and its results table."""
 import argparse
 
+from ..fileio import output_folder
 from .common import UsageError
 
 __all__ = ['add_ablate_args', 'run_ablate']
@@ -27,7 +28,8 @@ def add_ablate_args(p: argparse.ArgumentParser) -> None:
                                     "digits, 'digits_clutter', 'fashion_mnist'; none for a folder)")
     p.add_argument('--epochs', type=int, help="the full-data run's epochs (the budget; default: the study's, "
                                               "else the recipe's)")
-    p.add_argument('--out', help='folder of the runs and results (default: runs/ablate/<study>, else runs/ablate)')
+    p.add_argument('--out', type=output_folder,
+                   help='folder of the runs and results (default: runs/ablate/<study>, else runs/ablate)')
     p.add_argument('--reuse', nargs='+', metavar='FOLDER',
                    help="other ablations' output folders: a run that one of their finished runs trains exactly as "
                         "(same config, model arguments resolved, same fraction and seed) is copied, not trained; "

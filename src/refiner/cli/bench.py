@@ -1,6 +1,7 @@
 """``refiner bench``: its arguments, the configurations they span, and the table it prints."""
 import argparse
 
+from ..fileio import output_file
 from .common import UsageError, model_dtype_arg
 
 __all__ = ['add_bench_args', 'run_bench_command']
@@ -23,7 +24,8 @@ def add_bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--rounds', type=int, default=3, help='alternating rounds of fresh processes')
     p.add_argument('--steps', type=int, default=5, help='timed steps per process')
     p.add_argument('--warmup', type=int, default=2)
-    p.add_argument('--json', metavar='FILE', help='write the report (default: runs/bench/bench-<time>.json)')
+    p.add_argument('--json', metavar='FILE', type=output_file,
+                   help='write the report (default: runs/bench/bench-<time>.json)')
     p.add_argument('--no-progress', action='store_true', help="no 'round i/n' lines")
 
 

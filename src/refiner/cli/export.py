@@ -2,13 +2,14 @@
 import argparse
 import sys
 
+from ..fileio import output_file, output_path
 from .common import SOURCE_HELP, UsageError
 
 __all__ = ['add_export_args', 'run_export', 'add_convert_args', 'run_convert']
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument('out', help='output: a .onnx or .pt file, or a folder for --format hf')
+    p.add_argument('out', type=output_path, help='output: a .onnx or .pt file, or a folder for --format hf')
     p.add_argument('--model', help='a timm model name (random weights unless --checkpoint; names a bare weights file)')
     p.add_argument('--checkpoint', help=SOURCE_HELP)
     p.add_argument('--format', choices=['onnx', 'torchscript', 'hf'], required=True,
@@ -44,7 +45,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def add_convert_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('src', help='original checkpoint (.pth / .pth.tar)')
-    p.add_argument('dst', help='output .safetensors file')
+    p.add_argument('dst', type=output_file, help='output .safetensors file')
     p.add_argument('--ema', action='store_true', help='take state_dict_ema when the file holds both')
 
 

@@ -2,6 +2,7 @@
 import argparse
 import sys
 
+from ..fileio import output_file
 from .common import SOURCE_HELP, model_dtype_arg
 
 __all__ = ['add_eval_args', 'run_eval', 'add_predict_args', 'run_predict']
@@ -16,8 +17,8 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--batch-size', type=int, default=64)
     p.add_argument('--device', default='auto')
     p.add_argument('--workers', type=int, default=0)
-    p.add_argument('--confusion', metavar='PNG', help='write the confusion matrix as a PNG')
-    p.add_argument('--json', metavar='FILE', help='write the metrics as JSON')
+    p.add_argument('--confusion', metavar='PNG', type=output_file, help='write the confusion matrix as a PNG')
+    p.add_argument('--json', metavar='FILE', type=output_file, help='write the metrics as JSON')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     model_dtype_arg(p)
 
@@ -44,8 +45,9 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--batch-size', type=int, default=32)
     p.add_argument('--device', default='auto')
     p.add_argument('--workers', type=int, default=0)
-    p.add_argument('--json', metavar='FILE', help='write every prediction as JSON')
-    p.add_argument('--csv', metavar='FILE', help='write one row per image: file, label1, prob1, label2, ...')
+    p.add_argument('--json', metavar='FILE', type=output_file, help='write every prediction as JSON')
+    p.add_argument('--csv', metavar='FILE', type=output_file,
+                   help='write one row per image: file, label1, prob1, label2, ...')
     p.add_argument('--no-progress', action='store_true')
     model_dtype_arg(p)
 

@@ -4,6 +4,7 @@ The precedence of recipe, flags and ``--set`` is :func:`refiner.config.train_con
 """
 import argparse
 
+from ..fileio import output_folder
 from .common import SOURCE_HELP, UsageError
 
 __all__ = ['TRAIN_FLAGS', 'add_train_args', 'train_config', 'run_train']
@@ -28,7 +29,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                                   '(torch/cifar10:DIR, ...), fashion_mnist[:DIR] (its IDX files; Debian package '
                                   'dataset-fashion-mnist), or an embedded dataset: digits (the default), '
                                   'digits_clutter (harder: 32 px, cluttered)')
-    p.add_argument('--out', help='run directory (default: runs/<model>-<time>)')
+    p.add_argument('--out', type=output_folder, help='run directory (default: runs/<model>-<time>)')
     p.add_argument('--epochs', type=int)
     p.add_argument('--batch-size', type=int, help='per process')
     p.add_argument('--lr', type=float, help='learning rate for a global batch of lr_base_size, scaled by lr_base_scale '
