@@ -65,7 +65,7 @@ def test_seed_statistics_and_the_spread_rule():
     single = compare_to(seed_stats([4.0]), a)
     assert single['std'] is None and single['within_spread'] is None
     assert format_stat(compare_to(b, a)) == '2.50 ± 1.00 (+0.50, within spread)'
-    assert format_stat(far) == '5.05 ± 0.07 (+3.05)' and format_stat(single) == '4.00 (+2.00)'
+    assert format_stat(far) == '5.05 ± 0.07 (+3.05)' and format_stat(single) == '4.00 (+2.00, one seed)'
     assert compare_to(a, None)['diff'] is None
     at_the_edge = compare_to(seed_stats([2.0, 3.0, 4.0]), a)  # a difference equal to the spread is outside it
     assert at_the_edge['diff'] == at_the_edge['std'] == 1.0 and at_the_edge['within_spread'] is False
@@ -112,7 +112,7 @@ def test_summary_command_writes_table_json_and_figure(tmp_path, capsys):
     assert '3 CKA and 2 attention analyses of fashion_mnist' in printed
     table = (out / 'summary.md').read_text()
     assert '| refiner (3 CKA, 2 attention runs) | 0.65 ± 0.05 (-0.20) |' in table
-    assert '| resnet18 (1 run) | 0.60 (-0.25) |' in table
+    assert '| resnet18 (1 run) | 0.60 (-0.25, one seed) |' in table
     assert 'images per analysis: 1000 (CKA), 256 (attention)' in table
     saved = json.loads((out / 'summary.json').read_text())
     assert saved['reference'] == 'vit' and saved['table'] == table.strip()

@@ -33,10 +33,13 @@ def compare_to(stats: Dict[str, Any], reference: Optional[Dict[str, Any]]) -> Di
 
 
 def format_stat(stats: Dict[str, Any], digits: int = 2) -> str:
-    """'87.11 ± 0.51 (-4.61)' / '(-0.30, within spread)' / '88.62' for one seed, as the tables print it."""
+    """'87.11 ± 0.51 (-4.61)' (outside the spread) / '(-0.30, within spread)' / '88.62 (+1.51, one seed)'
+    (a difference with no spread to judge it by), as the tables print it."""
     text = f'{stats["mean"]:.{digits}f}'
     if stats['std'] is not None:
         text += f' ± {stats["std"]:.{digits}f}'
     if stats.get('diff') is not None:
-        text += f' ({stats["diff"]:+.{digits}f}{", within spread" if stats.get("within_spread") else ""})'
+        within = stats.get('within_spread')
+        verdict = ', one seed' if within is None else ', within spread' if within else ''
+        text += f' ({stats["diff"]:+.{digits}f}{verdict})'
     return text
