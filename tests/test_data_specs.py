@@ -1,5 +1,7 @@
 """What a --data value names, read once for the datasets and the recipe a run starts from."""
-from refiner.config import default_recipe
+import pytest
+
+from refiner.config import ConfigError, default_recipe, load_recipe
 from refiner.data_specs import DataSpec, parse_data_spec
 
 
@@ -14,18 +16,23 @@ def test_names_and_specs():
     assert parse_data_spec('fashion_mnist_small').kind == 'folder'
 
 
-def test_an_existing_folder_wins_over_a_name_but_not_over_the_digits(tmp_path, monkeypatch):
+def test_a_name_wins_over_a_folder_called_so_which_is_written_with_its_path(tmp_path, monkeypatch):
+    """A user who unpacks the IDX files into ./fashion_mnist still gets Fashion-MNIST and its recipe."""
     monkeypatch.chdir(tmp_path)
-    for name in ('fashion_mnist', 'torch/cifar10', 'digits'):
+    for name in ('fashion_mnist', 'torch/cifar10', 'digits', 'default'):
         (tmp_path / name).mkdir(parents=True)
-    assert parse_data_spec('fashion_mnist') == DataSpec('folder', 'fashion_mnist', None)
-    assert parse_data_spec('torch/cifar10').kind == 'folder'
-    assert parse_data_spec('digits').kind == 'digits'  # embedded: exists only inside the package
+    assert parse_data_spec('fashion_mnist') == DataSpec('fashion_mnist', 'fashion_mnist', None)
+    assert parse_data_spec('torch/cifar10').kind == 'timm'
+    assert parse_data_spec('digits').kind == 'digits'
+    assert parse_data_spec('./fashion_mnist') == DataSpec('folder', './fashion_mnist', None)
+    assert parse_data_spec('./torch/cifar10').kind == 'folder'
+    # the recipes likewise: a shipped name is not hidden by a folder of that name
+    assert load_recipe('fashion_mnist_long')['epochs'] == 15 and 'epochs' in load_recipe('default')
+    with pytest.raises(ConfigError, match='no such file'):
+        load_recipe('./fashion_mnist')
 
 
-def test_the_recipe_follows_the_same_reading(tmp_path, monkeypatch):
+def test_the_recipe_follows_the_same_reading():
     assert [default_recipe(d) for d in (None, '', 'digits', 'digits_clutter', 'fashion_mnist:/x', 'torch/mnist')] \
         == ['default', 'default', 'default', 'digits_clutter', 'fashion_mnist', None]
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / 'fashion_mnist').mkdir()
-    assert default_recipe('fashion_mnist') is None  # a folder of the user's: TrainConfig's defaults
+    assert default_recipe('./fashion_mnist') is None  # a folder of the user's: TrainConfig's defaults

@@ -17,7 +17,8 @@ from .defaults import DERIVABLE
 from .errors import RefinerError
 
 __all__ = ['TrainConfig', 'AUGMENTATION_KEYS', 'load_recipe', 'list_recipes', 'apply_overrides', 'ConfigError',
-           'DEFAULT_MODEL', 'lr_scale_rule', 'scaled_lr', 'complete_saved_config', 'default_recipe', 'train_config']
+           'DEFAULT_MODEL', 'lr_scale_rule', 'scaled_lr', 'complete_saved_config', 'default_recipe', 'train_config',
+           'read_shipped_or_file']
 
 DEFAULT_MODEL = 'refiner_vit_s'  # what a run trains when neither the config nor finetune weights name a model
 
@@ -191,20 +192,25 @@ def default_recipe(data: Optional[str]) -> Optional[str]:
     return {'digits': 'default', 'digits_clutter': 'digits_clutter', 'fashion_mnist': 'fashion_mnist'}.get(kind)
 
 
+def read_shipped_or_file(name_or_path: str, shipped, flag: str, kind: str, names: List[str]) -> Tuple[str, str]:
+    """The text and name of a YAML shipped in the folder ``shipped`` (a bare NAME), else of a YAML file
+    (a path); recipes and studies. A shipped name wins over a file or folder of that name in the working
+    directory (``./NAME`` is the file), so that a folder called ``fashion_mnist`` cannot hide the recipe."""
+    path = Path(name_or_path)
+    bundled = shipped / f'{name_or_path}.yaml'
+    if path.suffix not in ('.yaml', '.yml') and path.name == name_or_path and bundled.is_file():
+        return bundled.read_text(), name_or_path
+    if path.is_file():
+        return path.read_text(), path.stem
+    if path.suffix in ('.yaml', '.yml') or path.exists() or path.name != name_or_path:
+        raise ConfigError(f'{flag} {name_or_path}: no such file')
+    raise ConfigError(f'{flag} {name_or_path}: not a file and not a shipped {kind} (shipped: {", ".join(names)})')
+
+
 def load_recipe(name_or_path: str, _seen: tuple = ()) -> Dict[str, Any]:
     """A recipe shipped with the package (by name) or a YAML file (by path). ``base: NAME`` in a
     recipe starts from that recipe's keys (so that a variant states only what it changes)."""
-    path = Path(name_or_path)
-    if path.suffix in ('.yaml', '.yml') or path.exists():
-        if not path.is_file():
-            raise ConfigError(f'--config {name_or_path}: no such file')
-        text = path.read_text()
-    else:
-        res = _recipe_dir() / f'{name_or_path}.yaml'
-        if not res.is_file():
-            raise ConfigError(f'--config {name_or_path}: not a file and not a shipped recipe '
-                              f'(recipes: {", ".join(list_recipes())})')
-        text = res.read_text()
+    text, _ = read_shipped_or_file(name_or_path, _recipe_dir(), '--config', 'recipe', list_recipes())
     data = yaml.safe_load(text) or {}
     if not isinstance(data, dict):
         raise ConfigError(f'recipe {name_or_path} is not a mapping of keys to values')

@@ -3,10 +3,10 @@
 One reading of the spec for everything that depends on it: :func:`refiner.data.build_datasets`
 builds the datasets from it, :func:`refiner.config.default_recipe` picks the recipe of a dataset
 refiner knows, and evaluation and ``refiner analyze summary`` tell whether two specs name one
-dataset. An existing folder always wins over a name (a folder called ``fashion_mnist`` is an image
-folder), except the embedded digits, which exist only inside the package.
+dataset. A dataset's name wins over a folder of that name in the working directory (``fashion_mnist``
+is Fashion-MNIST even beside a folder called so; ``./fashion_mnist`` is the folder), as timm reads its
+specs.
 """
-from pathlib import Path
 from typing import NamedTuple, Optional
 
 __all__ = ['EMBEDDED_DATASETS', 'TIMM_SPEC_PREFIXES', 'DataSpec', 'parse_data_spec']
@@ -31,9 +31,8 @@ def parse_data_spec(data: Optional[str]) -> DataSpec:
     if data in EMBEDDED_DATASETS:
         return DataSpec(data, data, None)
     name, _, root = data.partition(':')
-    if not Path(data).exists():
-        if name == 'fashion_mnist':
-            return DataSpec('fashion_mnist', name, root or None)
-        if '/' in name and name.split('/', 1)[0] in TIMM_SPEC_PREFIXES:
-            return DataSpec('timm', name, root or None)
+    if name == 'fashion_mnist':
+        return DataSpec('fashion_mnist', name, root or None)
+    if '/' in name and name.split('/', 1)[0] in TIMM_SPEC_PREFIXES:
+        return DataSpec('timm', name, root or None)
     return DataSpec('folder', data, None)

@@ -20,12 +20,11 @@ built-in arm; its other overrides apply on top.
 import dataclasses
 import re
 from importlib import resources
-from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
-from ..config import DEFAULT_MODEL, ConfigError, TrainConfig, yaml_number
+from ..config import DEFAULT_MODEL, ConfigError, TrainConfig, read_shipped_or_file, yaml_number
 
 __all__ = ['Arm', 'Study', 'AblationError', 'BuiltinArm', 'BUILTINS', 'BUILTIN_ARMS', 'DEFAULT_FRACTIONS',
            'DEFAULT_SEEDS', 'SET_PER_RUN', 'parse_arm', 'make_arm', 'load_study', 'list_studies', 'merge_overrides',
@@ -231,17 +230,11 @@ def list_studies() -> List[Tuple[str, str]]:
 
 def load_study(name_or_path: str) -> Study:
     """A study shipped with the package (by name) or a YAML file (by path)."""
-    path = Path(name_or_path)
-    if path.suffix in ('.yaml', '.yml') or path.exists():
-        if not path.is_file():
-            raise AblationError(f'--study {name_or_path}: no such file')
-        text, name = path.read_text(), path.stem
-    else:
-        res = _study_dir() / f'{name_or_path}.yaml'
-        if not res.is_file():
-            raise AblationError(f'--study {name_or_path}: not a file and not a shipped study '
-                                f'(studies: {", ".join(n for n, _ in list_studies())})')
-        text, name = res.read_text(), name_or_path
+    try:
+        text, name = read_shipped_or_file(name_or_path, _study_dir(), '--study', 'study',
+                                          [n for n, _ in list_studies()])
+    except ConfigError as e:
+        raise AblationError(str(e)) from None
     where = f'study {name_or_path}'
     try:
         data = yaml.safe_load(text) or {}
