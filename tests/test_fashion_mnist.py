@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import N_TEST, N_TRAIN, fashion_mnist_images, write_fashion_mnist
+from conftest import N_TEST, N_TRAIN, _idx, fashion_mnist_images, write_fashion_mnist
 from PIL import Image
 
 from refiner import fashion_mnist
@@ -59,6 +59,22 @@ def test_missing_or_broken_fashion_mnist_files_say_how_to_get_them(tmp_path, mon
     path.write_bytes(b'not an idx file at all')
     with pytest.raises(DataError, match='not an IDX file'):
         build_datasets(f'fashion_mnist:{tmp_path}')
+    path.write_bytes(b'\x00\x00\x08\x03\x00\x00\x00\x05')  # a header cut after one of three sizes
+    with pytest.raises(DataError, match='header of 3 dimensions needs 16 bytes'):
+        build_datasets(f'fashion_mnist:{tmp_path}')
+    write_fashion_mnist(tmp_path, gz=False)  # whole again, then test images of another size
+    (tmp_path / 't10k-images-idx3-ubyte').write_bytes(_idx(np.zeros((N_TEST, 27, 27), np.uint8)))
+    with pytest.raises(DataError, match='training images are 28x28 pixels, the test images 27x27'):
+        build_datasets(f'fashion_mnist:{tmp_path}')
+    write_fashion_mnist(tmp_path, gz=False)
+    corrupt = tmp_path / 'corrupt'
+    write_fashion_mnist(corrupt)
+    gz = corrupt / 'train-labels-idx1-ubyte.gz'
+    body = bytearray(gz.read_bytes())
+    body[12:20] = b'\xff' * 8  # a corrupt deflate stream behind a valid gzip header
+    gz.write_bytes(bytes(body))
+    with pytest.raises(DataError, match='could not be read'):
+        build_datasets(f'fashion_mnist:{corrupt}')
     monkeypatch.setattr(fashion_mnist, 'DEBIAN_DIR', tmp_path)  # the package's location is the default
     write_fashion_mnist(tmp_path)
     path.unlink()  # the .gz files remain
@@ -84,19 +100,22 @@ def test_torch_specs_carry_class_names_and_apply_fraction_and_classes(tmp_path):
 def test_a_spec_that_cannot_list_its_labels_refuses_a_fraction(monkeypatch):
     import timm.data
 
-    class Iterable:  # like tfds/wds: no targets, no reader samples
+    class Unlisted:  # a dataset that can be indexed but lists no targets
         reader = None
         classes = ['a', 'b']
 
         def __len__(self):
             return 4
 
-    monkeypatch.setattr(timm.data, 'create_dataset', lambda *a, **k: Iterable())
-    assert build_datasets('wds/some-shards').classes == ['a', 'b']
-    with pytest.raises(DataError, match=r'^--train-fraction: timm dataset wds/some-shards does not list its labels'):
-        build_datasets('wds/some-shards', fraction=0.5)
+    monkeypatch.setattr(timm.data, 'create_dataset', lambda *a, **k: Unlisted())
+    assert build_datasets('hfds/some-set').classes == ['a', 'b']
+    with pytest.raises(DataError, match=r'^--train-fraction: timm dataset hfds/some-set does not list its labels'):
+        build_datasets('hfds/some-set', fraction=0.5)
     with pytest.raises(DataError, match=r'^--classes: '):
-        build_datasets('wds/some-shards', classes=['a', 'b'])
+        build_datasets('hfds/some-set', classes=['a', 'b'])
+    for streamed in ('tfds/mnist', 'hfids/user/set', 'wds/some-shards'):  # refused before timm is asked
+        with pytest.raises(DataError, match=rf'^--data {streamed}: timm streams .* use hfds/'):
+            build_datasets(streamed)
 
 
 def test_fashion_mnist_end_to_end_on_the_command_line(fmnist_dir, tmp_path, capsys):

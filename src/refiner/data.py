@@ -8,9 +8,10 @@
   al. 2014, at the digits' scale). Generated once from a fixed seed; same split, same classes.
 - ``fashion_mnist`` (``fashion_mnist:DIR``): Fashion-MNIST's 60,000 training images; its official
   10,000 test images are the held-out split (see :mod:`refiner.fashion_mnist`; never downloaded).
-- ``--data DIR``: an ImageFolder layout (``DIR/train/<class>/*``, ``DIR/val/<class>/*``), or any
-  timm dataset spec (``torch/...``, ``tfds/...``, ``hfds/...``, ``wds/...``) through timm's dataset
-  factory, with its class names; a fraction or a class subset where its labels can be listed.
+- ``--data DIR``: an ImageFolder layout (``DIR/train/<class>/*``, ``DIR/val/<class>/*``), or a
+  timm dataset spec that can be indexed (``torch/...``, ``hfds/...``) through timm's dataset factory,
+  with its class names; a fraction or a class subset where its labels can be listed. timm's streamed
+  readers (``tfds/``, ``hfids/``, ``wds/``) are refused: the resumable sampler draws by index.
 
 Images are decoded robustly (grey, palette, RGBA, CMYK and 16-bit images become 8-bit RGB; files
 that cannot be read are skipped and counted, never a crash). How a run draws them (seeded
@@ -26,7 +27,7 @@ from PIL import Image, ImageFile
 from torch.utils.data import Dataset
 
 from . import fashion_mnist
-from .data_specs import EMBEDDED_DATASETS, parse_data_spec
+from .data_specs import EMBEDDED_DATASETS, STREAMED_PREFIXES, parse_data_spec
 from .errors import RefinerError
 from .sampling import EpochSampler, SeededTransformDataset, SkipLog, collate_skipping
 
@@ -278,6 +279,10 @@ def _fashion_mnist(root: Optional[str], fraction: float, fraction_seed: int,
         test_images, test_targets = fashion_mnist.load_split(Path(root).expanduser() if root else None, 'test')
     except fashion_mnist.FashionMNISTError as e:
         raise DataError(str(e)) from None
+    if train_images.shape[1:] != test_images.shape[1:]:
+        raise DataError(f'--data fashion_mnist{":" + root if root else ""}: the training images are '
+                        f'{"x".join(map(str, train_images.shape[1:]))} pixels, the test images '
+                        f'{"x".join(map(str, test_images.shape[1:]))}; expected one size (28x28)')
     images = np.concatenate([train_images, test_images])  # (70000, 28, 28)
     targets = np.concatenate([train_targets, test_targets])
     tr, va = np.arange(len(train_images)), np.arange(len(train_images), len(images))
@@ -340,6 +345,9 @@ def _image_folder(root: Path, fraction: float, fraction_seed: int, classes: Opti
 def _timm_spec(spec: str, root: Optional[str], fraction: float, fraction_seed: int,
                classes: Optional[Sequence[str]] = None) -> Datasets:
     from timm.data import create_dataset
+    if spec.split('/', 1)[0] in STREAMED_PREFIXES:
+        raise DataError(f'--data {spec}: timm streams {spec.split("/", 1)[0]}/ datasets (iterable, no index), and '
+                        f'refiner samples by index (resumable, seeded); use hfds/..., torch/... or an image folder')
     try:
         train = create_dataset(spec, root=root, split='train', is_training=True)
         val = create_dataset(spec, root=root, split='validation' if spec.startswith(('tfds', 'hfds')) else 'val')

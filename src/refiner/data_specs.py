@@ -9,10 +9,11 @@ specs.
 """
 from typing import NamedTuple, Optional
 
-__all__ = ['EMBEDDED_DATASETS', 'TIMM_SPEC_PREFIXES', 'DataSpec', 'parse_data_spec']
+__all__ = ['EMBEDDED_DATASETS', 'TIMM_SPEC_PREFIXES', 'STREAMED_PREFIXES', 'DataSpec', 'parse_data_spec']
 
 EMBEDDED_DATASETS = ('digits', 'digits_clutter')  # shipped inside the installed package
 TIMM_SPEC_PREFIXES = ('tfds', 'hfds', 'hfids', 'wds', 'torch')  # timm's create_dataset readers, 'torch/cifar10'
+STREAMED_PREFIXES = ('tfds', 'hfids', 'wds')  # timm reads these as iterable datasets: no index, no length
 
 
 class DataSpec(NamedTuple):

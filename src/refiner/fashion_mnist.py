@@ -8,6 +8,7 @@ installs them. The IDX reader is a few lines of numpy, written here because torc
 lives behind its downloading dataset class and no other installed package reads IDX.
 """
 import gzip
+import zlib
 from pathlib import Path
 from typing import List, Optional, Tuple
 
@@ -36,11 +37,14 @@ def read_idx(path: Path) -> np.ndarray:
     try:
         with opener(path, 'rb') as f:
             raw = f.read()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: a corrupt gzip body
         raise FashionMNISTError(f'{path}: could not be read ({e})') from None
     if len(raw) < 4 or raw[0] or raw[1] or raw[2] not in _DTYPES:
         raise FashionMNISTError(f'{path}: not an IDX file (expected the magic 0x0000TTDD)')
     dtype, ndim = np.dtype(_DTYPES[raw[2]]), raw[3]
+    if len(raw) < 4 + 4 * ndim:
+        raise FashionMNISTError(f'{path}: an IDX header of {ndim} dimensions needs {4 + 4 * ndim} bytes, the file '
+                                f'has {len(raw)} (truncated?)')
     shape = tuple(int(s) for s in np.frombuffer(raw, '>i4', count=ndim, offset=4))
     offset, count = 4 + 4 * ndim, int(np.prod(shape))
     if len(raw) - offset != count * dtype.itemsize:
@@ -68,9 +72,9 @@ def find_files(root: Optional[Path], split: str) -> Tuple[Path, Path]:
     if root is None:
         raise FashionMNISTError(f'Fashion-MNIST is not installed: `apt-get install dataset-fashion-mnist` puts it in '
                                 f'{DEBIAN_DIR}, or give --data fashion_mnist:DIR with a folder holding {names}')
-    raise FashionMNISTError(f'--data fashion_mnist:{root}: expected the Fashion-MNIST files {names} in {root} or '
-                            f'{root}/FashionMNIST/raw (torchvision\'s layout); or install the Debian package '
-                            f'dataset-fashion-mnist and give no folder')
+    raise FashionMNISTError(f'--data fashion_mnist:{root}: expected the Fashion-MNIST files {names} in {root}, '
+                            f'{root}/FashionMNIST/raw (torchvision\'s layout) or {root}/raw; or install the Debian '
+                            f'package dataset-fashion-mnist and give no folder')
 
 
 def load_split(root: Optional[Path], split: str) -> Tuple[np.ndarray, np.ndarray]:
