@@ -443,3 +443,16 @@ def test_an_old_run_without_lr_base_scale_resumes_linearly_and_is_recognised():
     sqrt = comparable(dataclasses.replace(cfg, lr_base_scale='sqrt').to_dict())
     assert _differences(with_defaults(old), sqrt, lenient=True) == [
         "lr_base_scale: the run has 'linear', the arm gives 'sqrt'"]
+
+
+def test_a_dataset_read_from_another_folder_is_the_same_dataset():
+    """fashion_mnist and fashion_mnist:DIR are one dataset for the ablation as for evaluation: a run is
+    reused and resumed across them, but never across datasets."""
+    from refiner.ablate.run_dirs import _differences, comparable, trains_as, with_defaults
+    from refiner.config import apply_overrides
+    cfg = comparable(apply_overrides(load_recipe('default'), {}).to_dict())
+    here, there, other = ({**cfg, 'data': d} for d in ('fashion_mnist', 'fashion_mnist:/data/fm', 'digits'))
+    assert trains_as(here) == trains_as(there) != trains_as(other)
+    assert _differences(with_defaults(here), there, lenient=False) == []
+    assert _differences(with_defaults(here), other, lenient=False) == [
+        "data: the run has 'fashion_mnist', the arm gives 'digits'"]

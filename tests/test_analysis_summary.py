@@ -69,6 +69,8 @@ def test_seed_statistics_and_the_spread_rule():
     assert compare_to(a, None)['diff'] is None
     at_the_edge = compare_to(seed_stats([2.0, 3.0, 4.0]), a)  # a difference equal to the spread is outside it
     assert at_the_edge['diff'] == at_the_edge['std'] == 1.0 and at_the_edge['within_spread'] is False
+    saturated = seed_stats([100.0, 100.0, 100.0])
+    assert compare_to(saturated, saturated)['within_spread'] is True  # no difference at all, no spread
     with pytest.raises(ValueError):
         seed_stats([])
 

@@ -2,14 +2,14 @@
 
 One reading of the spec for everything that depends on it: :func:`refiner.data.build_datasets`
 builds the datasets from it, :func:`refiner.config.default_recipe` picks the recipe of a dataset
-refiner knows, and evaluation and ``refiner analyze summary`` tell whether two specs name one
-dataset. A dataset's name wins over a folder of that name in the working directory (``fashion_mnist``
+refiner knows, and evaluation, the ablation's run reuse and ``refiner analyze summary`` tell whether
+two specs name one dataset (:func:`dataset_key`). A dataset's name wins over a folder of that name in the working directory (``fashion_mnist``
 is Fashion-MNIST even beside a folder called so; ``./fashion_mnist`` is the folder), as timm reads its
 specs.
 """
-from typing import NamedTuple, Optional
+from typing import NamedTuple, Optional, Tuple
 
-__all__ = ['EMBEDDED_DATASETS', 'TIMM_SPEC_PREFIXES', 'STREAMED_PREFIXES', 'DataSpec', 'parse_data_spec']
+__all__ = ['EMBEDDED_DATASETS', 'TIMM_SPEC_PREFIXES', 'STREAMED_PREFIXES', 'DataSpec', 'parse_data_spec', 'dataset_key']
 
 EMBEDDED_DATASETS = ('digits', 'digits_clutter')  # shipped inside the installed package
 TIMM_SPEC_PREFIXES = ('tfds', 'hfds', 'hfids', 'wds', 'torch')  # timm's create_dataset readers, 'torch/cifar10'
@@ -37,3 +37,11 @@ def parse_data_spec(data: Optional[str]) -> DataSpec:
     if '/' in name and name.split('/', 1)[0] in TIMM_SPEC_PREFIXES:
         return DataSpec('timm', name, root or None)
     return DataSpec('folder', data, None)
+
+
+def dataset_key(data: Optional[str]) -> Tuple[str, str]:
+    """What identifies the dataset a spec names, whatever folder it is read from: ``fashion_mnist`` and
+    ``fashion_mnist:DIR`` (or ``torch/cifar10:A`` and ``:B``) are one dataset. Evaluation, the ablation's
+    run reuse and ``refiner analyze summary`` compare datasets by it."""
+    spec = parse_data_spec(data)
+    return spec.kind, spec.name

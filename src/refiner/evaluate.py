@@ -20,7 +20,7 @@ from .data import (
     collate_skipping,
     eval_transform,
 )
-from .data_specs import parse_data_spec
+from .data_specs import dataset_key
 from .devices import all_reduce, model_dtype, resolve_device, resolve_model_dtype
 from .pretrained import load_model
 
@@ -77,9 +77,7 @@ def evaluate_checkpoint(checkpoint: str, data: Optional[str] = None, split: str 
             raise DataError(f'{checkpoint} does not say which dataset it was trained on: give --data DIR')
     fraction = 1.0  # evaluation always uses the whole split
     # the classes the model was trained on, where its dataset is the one evaluated
-    evaluated = parse_data_spec(data)
-    trained = parse_data_spec(run_cfg.get('data')) if run_cfg else parse_data_spec(None)
-    same_data = (evaluated.kind, evaluated.name) == (trained.kind, trained.name)  # whatever the :DIR
+    same_data = dataset_key(data) == dataset_key(run_cfg.get('data') if run_cfg else None)
     trained_on = (run_cfg.get('classes') or info['classes']) if same_data else None
     datasets = build_datasets(data, fraction, classes=trained_on)
     num_classes = getattr(model, 'num_classes', None)

@@ -28,7 +28,8 @@ def compare_to(stats: Dict[str, Any], reference: Optional[Dict[str, Any]]) -> Di
         return out
     out['diff'] = stats['mean'] - reference['mean']
     if stats['std'] is not None and reference['std'] is not None:
-        out['within_spread'] = bool(abs(out['diff']) < max(stats['std'], reference['std']))
+        # an equal mean is within even a zero spread (every seed of both at 100%)
+        out['within_spread'] = bool(abs(out['diff']) < max(stats['std'], reference['std']) or out['diff'] == 0)
     return out
 
 

@@ -25,6 +25,7 @@ import yaml
 
 from ..checkpoint import RunFiles
 from ..config import DEFAULT_MODEL, TrainConfig, complete_saved_config
+from ..data_specs import dataset_key
 from ..fileio import atomic_write, atomic_write_text
 from .studies import AblationError
 
@@ -73,6 +74,8 @@ def _differences(saved: Dict[str, Any], expected: Dict[str, Any], lenient: bool)
         want, have = expected.get(key), saved.get(key)
         if lenient and want is None:
             continue  # resolved by the run
+        if key == 'data' and dataset_key(want) == dataset_key(have):
+            continue  # the same dataset, read from another folder
         if isinstance(want, dict) and isinstance(have, dict):
             for sub in sorted(set(want) | set(have)):
                 if want.get(sub) != have.get(sub):
@@ -121,6 +124,7 @@ def trains_as(config: Dict[str, Any]) -> Dict[str, Any]:
     :class:`~refiner.config.TrainConfig` after the run was recorded counts at its default (:func:`with_defaults`)."""
     from ..pretrained import ModelError, model_arguments
     cfg = with_defaults(config)
+    cfg['data'] = list(dataset_key(cfg.get('data')))  # fashion_mnist:DIR trains as fashion_mnist
     try:
         cfg['model_args'] = model_arguments(cfg.get('model') or DEFAULT_MODEL, cfg.get('img_size'),
                                             **cfg.get('model_args', {}))

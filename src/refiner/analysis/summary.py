@@ -18,7 +18,7 @@ import math
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-from ..data_specs import parse_data_spec
+from ..data_specs import dataset_key
 from ..spread import compare_to, format_stat, seed_stats
 from .cka import DEPTHS, depth_key
 from .features import AnalysisError
@@ -92,10 +92,9 @@ def read_analyses(paths: Sequence[Union[str, Path]]) -> Dict[str, List[Tuple[Pat
         if kind is None:
             raise SummaryError(f'{f} is not a result of `refiner analyze cka` or `refiner analyze attention`')
         out[kind].append((f, payload))
-    # fashion_mnist and fashion_mnist:DIR are one dataset
-    datasets = {(parse_data_spec(p.get('data')).name, p.get('split')) for results in out.values() for _, p in results}
+    datasets = {(dataset_key(p.get('data')), p.get('split')) for results in out.values() for _, p in results}
     if len(datasets) > 1:
-        names = ', '.join(sorted(f'{d} ({s})' for d, s in datasets))
+        names = ', '.join(sorted(f'{name} ({s})' for (_, name), s in datasets))
         raise SummaryError(f'the analyses are of different data: {names}; a summary combines analyses of one '
                            f'held-out split')
     return out
