@@ -14,7 +14,7 @@ from conftest import tiny_refiner as _tiny_refiner
 from PIL import Image
 from torch import nn
 
-import refiner  # noqa: F401  (registers refiner_vit_*)  # noqa: F401  (registers the models)
+import refiner  # noqa: F401  (registers the models)
 from refiner.analysis import (
     AnalysisError,
     NoAttentionError,
@@ -322,3 +322,20 @@ def test_the_analyses_take_plain_arguments(tmp_path):
     assert payload['num_images'] == 2 and len(payload['models']['refiner_vit_nano']['blocks']) == 4
     shown = show_attention(models[0], _image(tmp_path), tmp_path / 'a.png', block=1, query=(0, 0))
     assert shown['path'].is_file() and (shown['block'], shown['kind'], shown['grid']) == (1, 'refining', (4, 4))
+
+
+def test_the_analysed_data_defaults_to_the_checkpoints_own():
+    """As ``refiner eval``: no --data means the dataset the checkpoints were trained on (else the digits);
+    checkpoints of different datasets need --data; a model analysed on other data is noted."""
+    from refiner.analysis.inputs import LoadedModel, analysis_data
+
+    def loaded(label, trained_on=None):
+        return LoadedModel(label, nn.Identity(), {}, 'test', {'trained_on': trained_on} if trained_on else {})
+
+    assert analysis_data([loaded('a', 'fashion_mnist:/fm'), loaded('b', 'fashion_mnist'), loaded('vit')], None) \
+        == ('fashion_mnist:/fm', [])
+    assert analysis_data([loaded('vit')], None) == (None, [])  # nothing recorded: the digits
+    with pytest.raises(AnalysisError, match=r'trained on different datasets \(a on fashion_mnist, b on digits\)'):
+        analysis_data([loaded('a', 'fashion_mnist'), loaded('b', 'digits')], None)
+    assert analysis_data([loaded('a', 'fashion_mnist'), loaded('b', 'digits')], 'digits') == \
+        ('digits', ['note: a was trained on fashion_mnist, analysed on digits'])

@@ -140,9 +140,10 @@ def test_fashion_mnist_end_to_end_on_the_command_line(fmnist_dir, tmp_path, caps
     assert main(['predict', str(tmp_path / 'shirt.png'), '--checkpoint', str(run), '--topk', '2']) == 0
     assert any(name in capsys.readouterr().out for name in fashion_mnist.CLASSES)
 
-    assert main(['analyze', 'cka', '--checkpoint', str(run), '--data', data, '--max-images', '16',
+    # with no --data, the run's own dataset (as eval does), not the digits
+    assert main(['analyze', 'cka', '--checkpoint', str(run), '--max-images', '16',
                  '--batch-size', '8', '--out', str(tmp_path / 'cka'), '--no-progress']) == 0
-    assert (tmp_path / 'cka' / 'cka.json').is_file()
+    assert json.loads((tmp_path / 'cka' / 'cka.json').read_text())['data'] == data
 
     assert main(['ablate', '--data', data, '--models', 'refiner', '--fractions', '1.0', '--seeds', '0',
                  '--epochs', '1', '--set', 'batch_size=10', '--out', str(tmp_path / 'abl'), '--no-progress']) == 0

@@ -3,9 +3,9 @@
 One reading of the spec for everything that depends on it: :func:`refiner.data.build_datasets`
 builds the datasets from it, :func:`refiner.config.default_recipe` picks the recipe of a dataset
 refiner knows, and evaluation, the ablation's run reuse and ``refiner analyze summary`` tell whether
-two specs name one dataset (:func:`dataset_key`). A dataset's name wins over a folder of that name in the working directory (``fashion_mnist``
-is Fashion-MNIST even beside a folder called so; ``./fashion_mnist`` is the folder), as timm reads its
-specs.
+two specs name one dataset (:func:`dataset_key`). A dataset's name wins over a folder of that name in
+the working directory (``fashion_mnist`` is Fashion-MNIST even beside a folder called so;
+``./fashion_mnist`` is the folder), as timm reads its specs.
 """
 from typing import NamedTuple, Optional, Tuple
 

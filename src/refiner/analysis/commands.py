@@ -17,7 +17,7 @@ user can cause are :class:`refiner.data.DataError` (data, images) or subclasses 
 """
 import argparse
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from ..devices import resolve_device
 from ..fileio import output_file, output_folder
@@ -28,6 +28,7 @@ from .inputs import (
     LoadedModel,
     QueryError,
     UnknownModelError,
+    analysis_data,
     load_analysis_model,
     load_models,
     parse_compare,
@@ -60,8 +61,9 @@ def _common_args(p: argparse.ArgumentParser, batch_size: int, max_images: int) -
     p.add_argument('--compare', nargs='+', action='extend', default=[], metavar='NAME[:CKPT]',
                    help="models to compare: NAME, NAME:CHECKPOINT, or NAME{yaml kwargs}, e.g. "
                         "'vit_tiny_patch16_224{depth: 4}' or 'resnet18'")
-    p.add_argument('--data', help="dataset whose held-out split is used: a folder with train/ and val/, or a timm "
-                                  "spec (default: the embedded digits' held-out split)")
+    p.add_argument('--data', help="dataset whose held-out split is used: fashion_mnist[:DIR], digits_clutter, a "
+                                  "folder with train/ and val/, or a timm spec (default: the dataset the "
+                                  "checkpoints were trained on, else the embedded digits)")
     p.add_argument('--img-size', type=int, help="input size for every model (default: the checkpoint's, else the "
                                                 "model's own)")
     p.add_argument('--max-images', type=int, default=max_images, help=f'images used, evenly spaced over the '
@@ -71,10 +73,15 @@ def _common_args(p: argparse.ArgumentParser, batch_size: int, max_images: int) -
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
 
 
-def _load_all(args: argparse.Namespace, device) -> List[LoadedModel]:
-    return load_models(getattr(args, 'model', None), getattr(args, 'checkpoint', None), args.img_size,
-                       parse_model_args(args.model_args), getattr(args, 'compare', None) or [],
-                       bool(getattr(args, 'pretrained', False)), device)
+def _load_all(args: argparse.Namespace, device) -> Tuple[List[LoadedModel], Optional[str]]:
+    """The models, and the data they are analysed on (printing a note for a model trained on other data)."""
+    models = load_models(getattr(args, 'model', None), getattr(args, 'checkpoint', None), args.img_size,
+                         parse_model_args(args.model_args), getattr(args, 'compare', None) or [],
+                         bool(getattr(args, 'pretrained', False)), device)
+    data, notes = analysis_data(models, args.data)
+    for note in notes:
+        print(note)
+    return models, data
 
 
 # ------------------------------------------------------------------------------------------- cka
@@ -89,8 +96,8 @@ def add_cka_args(parser: argparse.ArgumentParser) -> None:
 def run_cka(args: argparse.Namespace) -> int:
     """``refiner analyze cka``: :func:`refiner.analysis.compute.block_cka`, and a summary line per model."""
     device = resolve_device(args.device)
-    models = _load_all(args, device)
-    result, files = block_cka(models, args.data, args.out, args.max_images, args.batch_size, device,
+    models, data = _load_all(args, device)
+    result, files = block_cka(models, data, args.out, args.max_images, args.batch_size, device,
                               progress=not args.no_progress)
     print(f'linear CKA (minibatch) on {result["num_images"]} held-out images of {result["data"]}:')
     for label, r in result['models'].items():
@@ -132,8 +139,8 @@ def format_attention_table(label: str, rows: List[Dict[str, Any]]) -> str:
 def run_attention(args: argparse.Namespace) -> int:
     """``refiner analyze attention``: :func:`refiner.analysis.compute.attention_diversity`, a table per model."""
     device = resolve_device(args.device)
-    models = _load_all(args, device)
-    payload, files = attention_diversity(models, args.data, args.out, args.max_images, args.batch_size, device,
+    models, data = _load_all(args, device)
+    payload, files = attention_diversity(models, data, args.out, args.max_images, args.batch_size, device,
                                          progress=not args.no_progress)
     for label, entry in payload['models'].items():
         print(format_attention_table(label, entry['blocks']))

@@ -25,8 +25,8 @@ from .features import AnalysisError
 
 __all__ = [
     'UnknownModelError', 'QueryError', 'BlockIndexError', 'LoadedModel', 'load_analysis_model', 'load_models',
-    'parse_model_args', 'parse_compare', 'parse_query', 'held_out_split', 'subset_batches', 'image_loader',
-    'check_counts', 'write_json', 'slug',
+    'parse_model_args', 'parse_compare', 'parse_query', 'analysis_data', 'held_out_split', 'subset_batches',
+    'image_loader', 'check_counts', 'write_json', 'slug',
 ]
 
 
@@ -93,6 +93,8 @@ def load_analysis_model(name: Optional[str], checkpoint: Optional[str] = None, i
         model, info = load_or_create(name if source.model_name is None else None, source, img_size)
         label = label or name or str(info.get('model_name') or Path(checkpoint).stem)
         where, extra = f'checkpoint {checkpoint}', {'classes': info.get('classes')}
+        if info.get('config'):  # a run's checkpoint says what it was trained on (data None: the digits)
+            extra['trained_on'] = info['config'].get('data') or 'digits'
     else:
         if not name:
             raise AnalysisError('give --model NAME (a timm model name) or --checkpoint PATH')
@@ -174,6 +176,22 @@ def subset_batches(n: int, max_images: Optional[int], batch_size: int) -> List[L
         indices = sorted(set(np.linspace(0, n - 1, max_images).round().astype(int).tolist()))
     k = max(1, math.ceil(len(indices) / batch_size))
     return [list(map(int, b)) for b in np.array_split(np.asarray(indices), k) if len(b)]
+
+
+def analysis_data(models: Sequence[LoadedModel], data: Optional[str]) -> Tuple[Optional[str], List[str]]:
+    """The dataset whose held-out split is analysed, and notes to print: ``--data`` if given, else the
+    one the checkpoints were trained on (as ``refiner eval`` does), else the embedded digits. Checkpoints
+    trained on different datasets need ``--data``; a model analysed on other data than its own is noted."""
+    from ..data_specs import dataset_key
+    trained = {m.label: m.extra['trained_on'] for m in models if m.extra.get('trained_on')}
+    if data is None:
+        if len({dataset_key(d) for d in trained.values()}) > 1:
+            listed = ', '.join(f'{label} on {d}' for label, d in trained.items())
+            raise AnalysisError(f'the checkpoints were trained on different datasets ({listed}): give --data')
+        data = next(iter(trained.values()), None)
+    notes = [f'note: {label} was trained on {d}, analysed on {data or "digits"}'
+             for label, d in trained.items() if dataset_key(d) != dataset_key(data)]
+    return data, notes
 
 
 def held_out_split(data: Optional[str]) -> Tuple[Dataset, str]:
