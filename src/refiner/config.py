@@ -34,7 +34,7 @@ class ConfigError(RefinerError, ValueError):
 @dataclass
 class TrainConfig:
     # data
-    data: Optional[str] = None  # None: the embedded digits dataset; a folder with train/ and val/; a timm spec
+    data: Optional[str] = None  # None: the digits; digits_clutter; fashion_mnist[:DIR]; a folder; a timm spec
     train_fraction: float = 1.0  # a stratified fraction of the training split (data-efficiency studies)
     classes: Optional[List[str]] = None  # keep only these classes (relabelled 0..k-1 in this order)
     img_size: Optional[int] = None  # default: the dataset's (digits: 16) or the model's

@@ -7,9 +7,9 @@ seed, say) and reports, for each model label, mean ± std over the files that co
 
 - from cka.json: CKA(first block, last block) and the normalised CKA with the last block at
   25 / 50 / 75% depth (how early features converge to the final ones; the paper's figure);
-- from attention.json: head similarity averaged over blocks (over-smoothing across heads), over
-  the blocks that refine a map that of the maps after and before refinement, and the cross-block
-  similarity averaged over blocks (DeepViT's attention collapse).
+- from attention.json: head similarity averaged over blocks (over-smoothing across heads); over the
+  blocks that refine a map, the head similarity of the maps after and before refinement; and the
+  cross-block similarity averaged over blocks (DeepViT's attention collapse).
 
 Each difference from a reference model is marked as in ``refiner ablate`` (:mod:`refiner.spread`).
 """

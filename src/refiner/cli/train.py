@@ -18,12 +18,12 @@ TRAIN_FLAGS = {  # flag -> config key
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
+    from ..config import list_recipes
     p.add_argument('--config', default=None,
-                   help="a shipped recipe (default, digits_clutter, fashion_mnist, finetune, deit, refiner_s, "
-                        "refiner_m, refiner_s_tl, refiner_m_tl, refiner_l_tl, refiner_s_384, refiner_m_384, "
-                        "refiner_l_384) or a YAML file; default: the dataset's recipe (default, digits_clutter, "
-                        "fashion_mnist), finetune with --finetune, else values derived from your dataset's size "
-                        "(printed when the run starts; deit: DeiT's ImageNet values)")
+                   help=f"a shipped recipe ({', '.join(list_recipes())}) or a YAML file; default: the dataset's "
+                        "recipe (default, digits_clutter, fashion_mnist), finetune with --finetune, else values "
+                        "derived from your dataset's size (printed when the run starts; deit: DeiT's ImageNet "
+                        "values)")
     p.add_argument('--model', help='any timm model name (refiner_vit_*, vit_*, deit_*, resnet*, ...)')
     p.add_argument('--data', help='a folder with train/ and val/ class subfolders, a timm dataset spec '
                                   '(torch/cifar10:DIR, ...), fashion_mnist[:DIR] (its IDX files; Debian package '
