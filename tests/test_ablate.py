@@ -107,6 +107,8 @@ def test_study_end_to_end_and_reused(name, tmp_path, capsys, monkeypatch):
         assert report['top1'][arm]['0.5'] == [run['top1']]
         assert (out / f'{arm}-f0.5-s0' / 'summary.json').is_file()
         assert any(line.startswith(f'| {arm} (') for line in table.splitlines())
+    if 'vit' in arms:  # a built-in arm says what it is, not only the timm model it is built from
+        assert '| vit (a plain ViT of matched shape, from vit_' in table
     assert (out / 'ablation.png').stat().st_size > 1000 and table.splitlines()[0] in stdout
     # a second invocation trains nothing: every run file stays as it was, the numbers too
     before = _mtimes(out)

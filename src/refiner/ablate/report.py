@@ -17,7 +17,7 @@ from ..checkpoint import RunFiles
 from ..fileio import atomic_write
 from ..spread import compare_to, format_stat, seed_stats
 from .run_dirs import PlannedRun, read_record
-from .studies import Arm, Study
+from .studies import BUILTINS, Arm, Study
 
 __all__ = ['build_report', 'plot_ablation']
 
@@ -92,7 +92,9 @@ def _table(report: Dict[str, Any]) -> str:
         fl = f'{m["flops"] / scale:.2f}' if m['flops'] else 'n/a'
         ips = f'{m["train_images_per_s"]:.0f}' if m['train_images_per_s'] else 'n/a'
         minutes = f'{m["train_time_s"] / 60:.0f}' if m['train_time_s'] else 'n/a'
-        lines.append(f'| {name} ({m["model"]}) | {m["params"] / 1e6:.3f}M | {fl} | {ips} | {minutes} | '
+        # a built-in arm is its own shape (vit: 1M parameters, not timm's vit_tiny): say what it is
+        what = f'{BUILTINS[m["builtin"]].description}, from {m["model"]}' if m.get('builtin') else m['model']
+        lines.append(f'| {name} ({what}) | {m["params"] / 1e6:.3f}M | {fl} | {ips} | {minutes} | '
                      + ' | '.join(cells) + ' |')
     n = len(report['seeds'])
     lines += ['', f'Held-out top-1 (%), mean ± std over {n} seed{"s" if n > 1 else ""}; in brackets the difference '
