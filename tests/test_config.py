@@ -51,3 +51,39 @@ def test_train_config_precedence_with_plain_arguments():
     cfg, note = train_config(None, {'finetune': 'x.pth', 'model': None}, {})
     assert note.startswith('--finetune without --config: starting from the finetune recipe')
     assert cfg.min_steps == load_recipe('finetune')['min_steps'] and cfg.model is None
+
+
+def test_a_value_of_the_wrong_type_or_not_yaml_is_one_sentence(tmp_path):
+    """--set, recipes and arms go through apply_overrides: a value of another type than its key's is named
+    there, not met as a TypeError deep in training; YAML that does not parse is named where it was given."""
+    from refiner.config import ConfigError, parse_set
+    for overrides, message in [({'lr': 'abc'}, "lr must be a number, got 'abc'"),
+                               ({'model_args': 3}, 'model_args must be a mapping of keys to values, got 3'),
+                               ({'classes': 5}, 'classes must be a list of strings (or null), got 5'),
+                               ({'epochs': 2.5}, 'epochs must be an integer, got 2.5'),
+                               ({'ema': 'yes please'}, "ema must be true or false, got 'yes please'"),
+                               ({'img_size': 0}, 'img_size must be a positive number of pixels, got 0'),
+                               ({'workers': -1}, 'workers must be >= 0, got -1'),
+                               ({'checkpoint_every': -1}, 'checkpoint_every must be >= 0')]:
+        with pytest.raises(ConfigError, match=message.replace('(', r'\(').replace(')', r'\)')):
+            apply_overrides(load_recipe('default'), overrides)
+    # what YAML gives for the digits' class names and for whole numbers of a float key still fits
+    cfg = apply_overrides(load_recipe('default'), {'classes': [0, 1], 'lr': 1, 'scale': [1, 1]})
+    assert cfg.classes == [0, 1] and cfg.lr == 1
+    with pytest.raises(ConfigError, match=r"^--set 'lr=\[': the value is not YAML"):
+        parse_set(['lr=['])
+    bad = tmp_path / 'bad.yaml'
+    bad.write_text('lr: [1, 2\n')
+    with pytest.raises(ConfigError, match=f'^--config {bad}: not valid YAML'):
+        load_recipe(str(bad))
+    binary = tmp_path / 'checkpoint.pt'
+    binary.write_bytes(b'\x80\x02\x8a\x0a\xff\xfe')
+    with pytest.raises(ConfigError, match=f'^--config {binary}: not a YAML text file'):
+        load_recipe(str(binary))
+
+
+def test_set_data_picks_the_datasets_recipe_as_the_flag_does():
+    from refiner.config import train_config
+    by_flag, _ = train_config(None, {'data': 'fashion_mnist'}, {})
+    by_set, _ = train_config(None, {}, {'data': 'fashion_mnist'})
+    assert by_flag == by_set and by_set.img_size == 28 and by_set.description.startswith('refiner_vit_nano on Fashion')

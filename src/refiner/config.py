@@ -5,10 +5,11 @@ Every key can be set in a recipe (``--config NAME_OR_PATH``), by a plain flag fo
 """
 import dataclasses
 import re
+import typing
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import yaml
 
@@ -111,6 +112,12 @@ class TrainConfig:
             raise ConfigError(f'epochs must be >= 1, got {self.epochs}')
         if self.batch_size < 1:
             raise ConfigError(f'batch_size must be >= 1, got {self.batch_size}')
+        if self.img_size is not None and self.img_size < 1:
+            raise ConfigError(f'img_size must be a positive number of pixels, got {self.img_size}')
+        if self.workers < 0:
+            raise ConfigError(f'workers must be >= 0, got {self.workers}')
+        if self.checkpoint_every < 0:
+            raise ConfigError(f'checkpoint_every must be >= 0 (0: only at epoch ends), got {self.checkpoint_every}')
         if self.amp not in ('none', 'bf16', 'fp16'):
             raise ConfigError(f"amp must be 'none', 'bf16' or 'fp16', got {self.amp!r}")
         if (self.mixup > 0 or self.cutmix > 0) and self.mixup_prob > 0 and self.batch_size % 2:
@@ -201,7 +208,11 @@ def read_shipped_or_file(name_or_path: str, shipped, flag: str, kind: str, names
     if path.suffix not in ('.yaml', '.yml') and path.name == name_or_path and bundled.is_file():
         return bundled.read_text(), name_or_path
     if path.is_file():
-        return path.read_text(), path.stem
+        try:
+            return path.read_text(), path.stem
+        except UnicodeDecodeError:
+            raise ConfigError(f'{flag} {name_or_path}: not a YAML text file (a checkpoint? --finetune and '
+                              f'--checkpoint take weights)') from None
     if path.suffix in ('.yaml', '.yml') or path.exists() or path.name != name_or_path:
         raise ConfigError(f'{flag} {name_or_path}: no such file')
     raise ConfigError(f'{flag} {name_or_path}: not a file and not a shipped {kind} (shipped: {", ".join(names)})')
@@ -211,7 +222,10 @@ def load_recipe(name_or_path: str, _seen: tuple = ()) -> Dict[str, Any]:
     """A recipe shipped with the package (by name) or a YAML file (by path). ``base: NAME`` in a
     recipe starts from that recipe's keys (so that a variant states only what it changes)."""
     text, _ = read_shipped_or_file(name_or_path, _recipe_dir(), '--config', 'recipe', list_recipes())
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f'--config {name_or_path}: not valid YAML ({str(e).splitlines()[0]})') from None
     if not isinstance(data, dict):
         raise ConfigError(f'recipe {name_or_path} is not a mapping of keys to values')
     if 'base' in data:
@@ -222,13 +236,53 @@ def load_recipe(name_or_path: str, _seen: tuple = ()) -> Dict[str, Any]:
     return data
 
 
+_TYPE_NAMES = {int: 'an integer', float: 'a number', str: 'a string', bool: 'true or false'}
+
+
+def _type_name(kind: Any) -> str:
+    args = [a for a in typing.get_args(kind) if a is not type(None)]
+    if typing.get_origin(kind) is Union:
+        return ' or '.join(_type_name(a) for a in args) + ' (or null)'
+    if typing.get_origin(kind) is list:
+        return f'a list of {_type_name(args[0]).split(" ", 1)[1]}s' if args else 'a list'
+    if typing.get_origin(kind) is dict:
+        return 'a mapping of keys to values'
+    return _TYPE_NAMES.get(kind, str(kind))
+
+
+def _fits(value: Any, kind: Any) -> bool:
+    """Whether a recipe or ``--set`` value has the type of its :class:`TrainConfig` field (an int is a float)."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if kind is Any:
+        return True
+    if origin is Union:
+        return any(_fits(value, a) for a in args)
+    if kind is type(None):
+        return value is None
+    if origin is list:
+        # YAML reads class names such as the digits' 0-9 as numbers: a list of names takes them too
+        item = (lambda v: _fits(v, str) or _fits(v, int)) if args == (str,) else (lambda v: _fits(v, args[0]))
+        return isinstance(value, list) and all(item(v) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if kind is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, kind) if isinstance(kind, type) else True
+
+
 def apply_overrides(base: Dict[str, Any], overrides: Dict[str, Any]) -> TrainConfig:
-    """A config from a recipe's keys and overrides; unknown keys are an error naming them."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    """A config from a recipe's keys and overrides; an unknown key, or a value of another type than its
+    field's, is an error naming it."""
+    fields = {f.name: f.type for f in dataclasses.fields(TrainConfig)}
     merged = {**base, **{k: v for k, v in overrides.items() if v is not None}}
-    unknown = sorted(set(merged) - known)
+    unknown = sorted(set(merged) - set(fields))
     if unknown:
-        raise ConfigError(f'unknown config keys {unknown}; known keys: {", ".join(sorted(known))}')
+        raise ConfigError(f'unknown config keys {unknown}; known keys: {", ".join(sorted(fields))}')
+    for key, value in merged.items():
+        if not _fits(value, fields[key]):
+            raise ConfigError(f'{key} must be {_type_name(fields[key])}, got {value!r}')
     cfg = TrainConfig(**merged)
     cfg.validate()
     return cfg
@@ -257,7 +311,10 @@ def parse_set(items: List[str]) -> Dict[str, Any]:
         key, sep, value = item.partition('=')
         if not sep or not key:
             raise ConfigError(f'--set {item!r}: expected key=value')
-        out[key.strip()] = yaml_number(yaml.safe_load(value))
+        try:
+            out[key.strip()] = yaml_number(yaml.safe_load(value))
+        except yaml.YAMLError as e:
+            raise ConfigError(f'--set {item!r}: the value is not YAML ({str(e).splitlines()[0]})') from None
     return out
 
 
@@ -271,7 +328,8 @@ def train_config(config: Optional[str], flags: Dict[str, Any], sets: Dict[str, A
     ``model``; a learning rate given wins over the recipe's ``lr_from_source``. Returns the config and a
     line saying which recipe a fine-tune starts from when none was named (else None)."""
     finetune = flags.get('finetune')
-    recipe = config or ('finetune' if finetune else default_recipe(flags.get('data')))
+    data = sets['data'] if 'data' in sets else flags.get('data')  # --set data=... picks its recipe too
+    recipe = config or ('finetune' if finetune else default_recipe(data))
     note = ('--finetune without --config: starting from the finetune recipe (--config NAME for another)'
             if finetune and not config else None)
     base = load_recipe(recipe) if recipe else {}
