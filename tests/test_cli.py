@@ -156,3 +156,37 @@ def test_an_output_path_that_cannot_be_written_is_refused_before_any_work(argv, 
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and 'Traceback' not in err
     assert f'{bad} is a file' in err.splitlines()[-1], err
+
+
+@pytest.mark.parametrize('argv,code,message', [
+    (['eval', '--checkpoint', 'R', '--batch-size', '0'], 2, 'argument --batch-size: must be >= 1, got 0'),
+    (['predict', 'x.png', '--checkpoint', 'R', '--workers', '-1'], 2, 'argument --workers: must be >= 0, got -1'),
+    (['bench', '--rounds', '0'], 2, 'argument --rounds: must be >= 1, got 0'),
+    (['bench', '--batch-size', '4', 'x'], 2, "argument --batch-size: expected a whole number, got 'x'"),
+    (['export', 'm.onnx', '--format', 'onnx', '--img-size', '-4'], 2, 'argument --img-size: must be >= 1'),
+    (['export', '{tmp}', '--format', 'torchscript', '--model', 'refiner_vit_nano'], 2, 'is a folder; --format '
+     'torchscript writes one file'),
+    (['export', '{tmp}/model.safetensors', '--format', 'onnx', '--model', 'refiner_vit_nano'], 2,
+     'model.safetensors names weights, not an onnx file; the output comes first'),
+    (['show-attention', 'x.png', '--model', 'refiner_vit_nano', '--query=-1,-1'], 1, '--query must be ROW,COL'),
+])
+def test_a_bad_count_size_or_output_is_refused_before_any_work(argv, code, message, tmp_path, capsys):
+    """Values PyTorch would only refuse deep inside (a DataLoader with batch 0), a folder or a weights file
+    named as the export's output (which would be overwritten), a signed query that once meant the class
+    token: each a one-line error before a model is built."""
+    try:
+        returned = main([a.replace('{tmp}', str(tmp_path)) for a in argv])
+    except SystemExit as exit_:  # argparse's own usage errors
+        returned = exit_.code
+    assert returned == code
+    err = capsys.readouterr().err
+    assert message in err and 'Traceback' not in err, err
+    assert not (tmp_path / 'model.safetensors').exists()
+
+
+def test_bench_on_a_missing_gpu_is_one_sentence(capsys):
+    import torch
+    if torch.cuda.is_available():
+        pytest.skip('a GPU is here')
+    assert main(['bench', '--model', 'refiner_vit_nano', '--reference', 'none', '--device', 'cuda']) == 1
+    assert 'no CUDA device is available; use --device cpu' in capsys.readouterr().err

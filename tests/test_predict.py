@@ -95,3 +95,13 @@ def test_predict_names_every_one_of_five_ignored_files_and_counts_the_rest(tmp_p
     (folder / 'note5.txt').write_text('not an image')
     assert main(['predict', str(folder), '--checkpoint', str(nano_checkpoint[0]), '--no-progress']) == 0
     assert f'6 non-image file(s) ({", ".join(map(str, notes))}, ... 1 more) ignored' in capsys.readouterr().out
+
+
+def test_an_empty_input_path_is_refused_not_read_as_the_current_folder(tmp_path, monkeypatch):
+    from refiner.data import DataError
+    from refiner.predict import find_images
+    monkeypatch.chdir(tmp_path)
+    Image.new('RGB', (8, 8)).save(tmp_path / 'here.png')
+    assert find_images(['.']) == ['./here.png']
+    with pytest.raises(DataError, match='an empty input path'):
+        find_images([''])

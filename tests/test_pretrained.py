@@ -120,3 +120,28 @@ def test_a_recipe_token_grid_fits_a_cnn_and_other_rejected_args_still_fail():
     assert vit.patch_embed.grid_size == (7, 7)  # kept where the model has a token grid
     with pytest.raises(ModelError, match="cannot create resnet18 .*'depth'"):
         create_model('resnet18', img_size=28, patch_size=4, depth=1)
+
+
+def test_broken_run_and_model_folders_are_one_sentence(nano_checkpoint, tmp_path):
+    """A run folder whose config.yaml was damaged, a model folder whose config.json is not a mapping, and
+    model arguments the model rejects with an arithmetic or tensor error: each a CheckpointError /
+    ModelError naming the file or the arguments."""
+    import shutil
+
+    from refiner.convert import CheckpointError
+    from refiner.pretrained import create_model_and_args
+    run = tmp_path / 'run'  # a run folder: its config.yaml beside its weights
+    run.mkdir()
+    shutil.copy(nano_checkpoint[0], run / 'model.safetensors')
+    for text in ('lr: [1, 2\n', '- a list\n'):
+        (run / 'config.yaml').write_text(text)
+        with pytest.raises(CheckpointError, match='config.yaml is not a refiner training config'):
+            read_source(run)
+    hub = tmp_path / 'hub'
+    hub.mkdir()
+    (hub / 'config.json').write_text('[]')
+    with pytest.raises(CheckpointError, match='config.json is not a timm model config'):
+        read_source(hub)
+    for bad in ({'patch_size': 0}, {'embed_dim': -8}):
+        with pytest.raises(ModelError, match='cannot create refiner_vit_nano with'):
+            create_model_and_args('refiner_vit_nano', **bad)

@@ -22,6 +22,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from .devices import model_dtype, resolve_model_dtype
+from .fileio import atomic_write_text
 
 __all__ = ['BenchConfig', 'count_flops', 'run_bench', 'measure', 'gemm_gflops', 'format_table']
 
@@ -274,5 +275,4 @@ def format_table(report: Dict[str, Any]) -> str:
 
 
 def save_report(report: Dict[str, Any], path: str) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(report, indent=2) + '\n')
+    atomic_write_text(path, json.dumps(report, indent=2) + '\n')

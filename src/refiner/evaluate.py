@@ -22,6 +22,7 @@ from .data import (
 )
 from .data_specs import dataset_key
 from .devices import all_reduce, model_dtype, resolve_device, resolve_model_dtype
+from .fileio import atomic_write_text
 from .pretrained import load_model
 
 __all__ = ['evaluate', 'evaluate_checkpoint', 'plot_confusion']
@@ -146,4 +147,4 @@ def format_report(res: Dict[str, Any]) -> str:
 
 
 def save_json(res: Dict[str, Any], path: str) -> None:
-    Path(path).write_text(json.dumps(res, indent=2) + '\n')
+    atomic_write_text(path, json.dumps(res, indent=2) + '\n')  # an interrupted write leaves the old file whole

@@ -9,10 +9,8 @@ current umask: ``tempfile`` (and safetensors' own writer) make files private, 06
 whole and renamed into place (:func:`held_temp_dir`) is locked by its writer while it is filled, so
 that :func:`remove_abandoned_temp_dirs` removes only those a killed writer left.
 
-:func:`output_folder`, :func:`output_file`, :func:`output_path`: argparse types that refuse, before any
-work is done, an output path that cannot be written (a file where a folder is wanted, a folder under a
-file, a folder without write permission)."""
-import argparse
+:func:`output_problem`: why an output path cannot be written (a file where a folder is wanted, a folder
+under a file, a folder without write permission), for the command line to refuse it before any work."""
 import os
 import shutil
 import tempfile
@@ -26,8 +24,7 @@ except ImportError:  # Windows
     fcntl = None
 
 __all__ = ['apply_umask', 'atomic_write', 'atomic_write_text', 'exclusive_lock', 'make_temp_dir',
-           'remove_temporaries', 'held_temp_dir', 'remove_abandoned_temp_dirs', 'output_problem', 'output_folder',
-           'output_file', 'output_path']
+           'remove_temporaries', 'held_temp_dir', 'remove_abandoned_temp_dirs', 'output_problem']
 
 _TMP_PREFIX, _TMP_SUFFIX = '.', '.tmp'  # a temporary is '.NAME.RANDOM.tmp' beside NAME
 
@@ -191,18 +188,3 @@ def output_problem(path: Union[str, os.PathLike], kind: str) -> Optional[str]:
         return f'{where} is not writable'
     return None
 
-
-def _output_type(kind: str) -> Callable[[str], str]:
-    def check(value: str) -> str:
-        problem = output_problem(value, kind)
-        if problem:
-            raise argparse.ArgumentTypeError(problem)
-        return value
-    check.__name__ = f'output_{kind}' if kind != 'any' else 'output_path'
-    return check
-
-
-# argparse types: ``add_argument('--out', type=output_folder)`` refuses a bad path as a usage error
-output_folder = _output_type('folder')
-output_file = _output_type('file')
-output_path = _output_type('any')

@@ -32,6 +32,8 @@ def find_images(inputs: Sequence[str], ignored: Optional[List[str]] = None) -> L
     others: List[str] = []
     seen = set()  # real folders walked, so that a symlink loop ends
     for item in inputs:
+        if not str(item).strip():  # an unset shell variable: not the current folder, searched whole
+            raise DataError("an empty input path: give image files or folders ('.' for the current folder)")
         path = Path(item).expanduser()
         if path.is_dir():
             for dirpath, dirnames, files in os.walk(path, followlinks=True):

@@ -101,7 +101,7 @@ def _from_hub_folder(path: Path) -> Source:
         cfg = json.loads((path / 'config.json').read_text())
         pretrained_cfg = dict(cfg.get('pretrained_cfg', cfg))  # older files: one flat dict
         name = cfg['architecture'] if 'architecture' in cfg else pretrained_cfg['architecture']
-    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError):
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError):  # AttributeError: a list
         raise CheckpointError(f'{path}/config.json is not a timm model config (no architecture)') from None
     weights = next((path / f for f in _HUB_WEIGHTS if (path / f).is_file()), None)
     if weights is None:
@@ -130,7 +130,13 @@ def read_source(src: Union[str, Path], ema: bool = False) -> Source:
             import yaml
             source = _from_refiner_weights(weights, 'run')
             source.path = str(path)
-            source.run_config = yaml.safe_load(run.config.read_text())
+            try:
+                source.run_config = yaml.safe_load(run.config.read_text())
+            except (yaml.YAMLError, UnicodeDecodeError):
+                source.run_config = None
+            if not isinstance(source.run_config, dict):
+                raise CheckpointError(f'{run.config} is not a refiner training config (not a YAML mapping); '
+                                      f'restore it, or give the weights file {weights} itself')
             return source
         if (path / 'config.json').is_file():
             return _from_hub_folder(path)
@@ -213,8 +219,8 @@ def create_model_and_args(name: str, img_size: Optional[int] = None,
                 if not rejected:
                     raise
                 del kwargs[rejected[0]]
-    except (TypeError, ValueError, AssertionError) as e:
-        raise ModelError(f'cannot create {name} with {kwargs}: {str(e).splitlines()[0]}') from None
+    except (TypeError, ValueError, AssertionError, ArithmeticError, RuntimeError) as e:  # patch_size 0, width -8
+        raise ModelError(f'cannot create {name} with {kwargs}: {str(e).splitlines()[0] or type(e).__name__}') from None
 
 
 def model_arguments(name: str, img_size: Optional[int] = None, **kwargs: Any) -> Dict[str, Any]:

@@ -19,8 +19,8 @@ import argparse
 import math
 from typing import Any, Dict, List, Optional, Tuple
 
+from ..argtypes import output_file, output_folder, positive_int
 from ..devices import resolve_device
-from ..fileio import output_file, output_folder
 from .compute import DEPTHS, attention_diversity, block_cka, show_attention
 from .features import AnalysisError
 from .inputs import (
@@ -64,8 +64,8 @@ def _common_args(p: argparse.ArgumentParser, batch_size: int, max_images: int) -
     p.add_argument('--data', help="dataset whose held-out split is used: fashion_mnist[:DIR], digits_clutter, a "
                                   "folder with train/ and val/, or a timm spec (default: the dataset the "
                                   "checkpoints were trained on, else the embedded digits)")
-    p.add_argument('--img-size', type=int, help="input size for every model (default: the checkpoint's, else the "
-                                                "model's own)")
+    p.add_argument('--img-size', type=positive_int,
+                   help="input size for every model (default: the checkpoint's, else the model's own)")
     p.add_argument('--max-images', type=int, default=max_images, help=f'images used, evenly spaced over the '
                                                                       f'split (default {max_images})')
     p.add_argument('--batch-size', type=int, default=batch_size, help=f'minibatch size (default {batch_size})')
@@ -182,7 +182,8 @@ def add_show_attention_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--block', type=int, help='block index (default: the first refining block, else 0)')
     parser.add_argument('--query', metavar='ROW,COL', help="query token in token-grid coordinates, or 'cls' "
                                                           "(default: the centre of the grid)")
-    parser.add_argument('--img-size', type=int, help="input size (default: the checkpoint's, else the model's own)")
+    parser.add_argument('--img-size', type=positive_int,
+                        help="input size (default: the checkpoint's, else the model's own)")
     parser.add_argument('--out', type=output_file, help='output PNG (default: attention_<image>_block<I>.png)')
     parser.add_argument('--device', default='auto', help="'auto' (default), 'cpu' or 'cuda'")
 

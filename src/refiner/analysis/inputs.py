@@ -159,7 +159,7 @@ def parse_query(text: Optional[str]) -> Optional[Tuple[int, int]]:
     t = text.strip().lower()
     if t in ('cls', 'class'):
         return (-1, -1)
-    m = re.fullmatch(r'\(?\s*(-?\d+)\s*[,x ]\s*(-?\d+)\s*\)?', t)
+    m = re.fullmatch(r'\(?\s*(\d+)\s*[,x ]\s*(\d+)\s*\)?', t)  # no sign: -1,-1 is not the class token
     if not m:
         raise QueryError(f"--query must be ROW,COL in token-grid coordinates (e.g. 2,3) or 'cls', got {text!r}")
     return int(m.group(1)), int(m.group(2))

@@ -1,7 +1,7 @@
 """``refiner ablate``: its arguments (the built-in arms' choices read from the arm table) and its results table."""
 import argparse
 
-from ..fileio import output_folder
+from ..argtypes import output_folder
 from .common import UsageError
 
 __all__ = ['add_ablate_args', 'run_ablate']

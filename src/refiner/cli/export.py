@@ -1,8 +1,9 @@
 """``refiner export`` and ``refiner convert``: weights written to other files, and what was written."""
 import argparse
 import sys
+from pathlib import Path
 
-from ..fileio import output_file, output_path
+from ..argtypes import output_file, output_path, positive_int
 from .common import SOURCE_HELP, UsageError
 
 __all__ = ['add_export_args', 'run_export', 'add_convert_args', 'run_convert']
@@ -14,15 +15,28 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--checkpoint', help=SOURCE_HELP)
     p.add_argument('--format', choices=['onnx', 'torchscript', 'hf'], required=True,
                    help="hf: a timm / Hugging Face Hub model folder, loadable with timm.create_model('local-dir:OUT')")
-    p.add_argument('--img-size', type=int)
+    p.add_argument('--img-size', type=positive_int)
     p.add_argument('--opset', type=int, default=18)
     p.add_argument('--no-reparameterize', action='store_true', help='export without re-parameterizing')
     p.add_argument('--no-progress', action='store_true', help='accepted as by every long command (export shows none)')
 
 
+_NOT_AN_EXPORT = {'.safetensors': 'weights', '.bin': 'weights', '.json': 'a config', '.yaml': 'a config',
+                  '.yml': 'a config', '.tar': 'a checkpoint', '.pth': 'a checkpoint'}
+
+
 def run_export(args: argparse.Namespace) -> int:
     """Export and check (:func:`refiner.export.export_and_check`), then say what was written and how it compares."""
     from ..export import export_and_check, load_for_export
+    out = Path(args.out)
+    if args.format != 'hf' and out.is_dir():
+        raise UsageError(f'{out} is a folder; --format {args.format} writes one file (e.g. {out / "model"}'
+                         f'{".onnx" if args.format == "onnx" else ".pt"})')
+    if args.format != 'hf' and out.suffix in _NOT_AN_EXPORT:
+        # the output comes first: `export run/model.safetensors ...` would overwrite the weights it names
+        raise UsageError(f'{out} names {_NOT_AN_EXPORT[out.suffix]}, not an {args.format} file; the output '
+                         f'comes first (refiner export OUT --checkpoint WEIGHTS), e.g. model'
+                         f'{".onnx" if args.format == "onnx" else ".pt"}')
     model, info = load_for_export(args.model, args.checkpoint, args.img_size)
     res = export_and_check(model, info, args.out, args.format, reparameterize=not args.no_reparameterize,
                            opset=args.opset)

@@ -2,7 +2,7 @@
 import argparse
 import sys
 
-from ..fileio import output_file
+from ..argtypes import non_negative_int, output_file, positive_int
 from .common import SOURCE_HELP, model_dtype_arg
 
 __all__ = ['add_eval_args', 'run_eval', 'add_predict_args', 'run_predict']
@@ -14,9 +14,9 @@ def add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('--data', help="dataset (default: the run's, else the embedded digits)")
     p.add_argument('--split', choices=['val', 'train'], default='val')
     p.add_argument('--ema', action='store_true', help="evaluate a run's EMA weights")
-    p.add_argument('--batch-size', type=int, default=64)
+    p.add_argument('--batch-size', type=positive_int, default=64)
     p.add_argument('--device', default='auto')
-    p.add_argument('--workers', type=int, default=0)
+    p.add_argument('--workers', type=non_negative_int, default=0)
     p.add_argument('--confusion', metavar='PNG', type=output_file, help='write the confusion matrix as a PNG')
     p.add_argument('--json', metavar='FILE', type=output_file, help='write the metrics as JSON')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
@@ -40,11 +40,11 @@ def add_predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument('inputs', nargs='+', metavar='INPUT', help='image files and folders (searched recursively)')
     p.add_argument('--checkpoint', required=True, help=SOURCE_HELP)
     p.add_argument('--model', help='the timm model name of a bare weights file')
-    p.add_argument('--topk', type=int, default=5)
+    p.add_argument('--topk', type=positive_int, default=5)
     p.add_argument('--ema', action='store_true', help="a run's EMA weights")
-    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--batch-size', type=positive_int, default=32)
     p.add_argument('--device', default='auto')
-    p.add_argument('--workers', type=int, default=0)
+    p.add_argument('--workers', type=non_negative_int, default=0)
     p.add_argument('--json', metavar='FILE', type=output_file, help='write every prediction as JSON')
     p.add_argument('--csv', metavar='FILE', type=output_file,
                    help='write one row per image: file, label1, prob1, label2, ...')

@@ -4,7 +4,7 @@ The precedence of recipe, flags and ``--set`` is :func:`refiner.config.train_con
 """
 import argparse
 
-from ..fileio import output_folder
+from ..argtypes import output_folder
 from .common import SOURCE_HELP, UsageError
 
 __all__ = ['TRAIN_FLAGS', 'add_train_args', 'train_config', 'run_train']
