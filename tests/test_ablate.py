@@ -458,3 +458,25 @@ def test_a_dataset_read_from_another_folder_is_the_same_dataset():
     assert _differences(with_defaults(here), there, lenient=False) == []
     assert _differences(with_defaults(here), other, lenient=False) == [
         "data: the run has 'fashion_mnist', the arm gives 'digits'"]
+
+
+def test_report_only_writes_an_interim_report_and_trains_nothing(tmp_path, capsys):
+    """A long study's results so far: each cell of how many seeds, the arms with no finished run named,
+    nothing trained; with nothing finished, one sentence."""
+    out = tmp_path / 'abl'
+    base = [*TINY[2:], '--set', 'model_args.depth=2', '--models', 'refiner', 'vit', '--out', out]
+    code, _, err = _ablate(capsys, *base, '--report-only', '--fractions', '0.5', '--seeds', '0')
+    assert code == 2 and 'no run of this ablation has finished' in err
+    code, _, err = _ablate(capsys, *base, '--fractions', '0.5', '--seeds', '0')  # all of seed 0
+    assert code == 0, err
+    (out / 'vit-f0.5-s0' / 'summary.json').unlink()  # as if vit's run were still training
+    before = _mtimes(out)
+    code, stdout, err = _ablate(capsys, *base, '--report-only', '--fractions', '0.5', '1', '--seeds', '0', '1')
+    assert code == 0, err
+    assert _mtimes(out) == before and not (out / 'refiner-f0.5-s1').exists()  # nothing trained
+    report = json.loads((out / 'ablation.json').read_text())
+    assert (report['finished_runs'], report['planned_runs']) == (1, 8) and list(report['top1']) == ['refiner']
+    table = (out / 'ablation.md').read_text()
+    row = next(line for line in table.splitlines() if line.startswith('| refiner ('))
+    assert row.endswith('[1 of 2 seeds] | not finished |'), row
+    assert 'Interim report: 1 of 8 runs finished; no run of vit yet.' in table and table.splitlines()[0] in stdout

@@ -40,7 +40,9 @@ def _run_flops(files: RunFiles) -> Optional[int]:
 
 def build_report(runs: List[PlannedRun], resolved: Dict[str, Dict[str, Any]], arms: Sequence[Arm], reference: str,
             fractions: Sequence[float], seeds: Sequence[int], base_dict: Dict[str, Any],
-            st: Optional[Study]) -> Dict[str, Any]:
+            st: Optional[Study], planned_runs: Optional[int] = None) -> Dict[str, Any]:
+    """The results of ``runs`` (finished ones: all the plan's, or those of an interim report, where an arm
+    or a fraction may have fewer seeds or none yet; ``planned_runs``: how many the plan holds)."""
     top1: Dict[str, Dict[str, List[float]]] = {a.name: {} for a in arms}
     info: Dict[str, Dict[str, Any]] = {}
     for run in runs:
@@ -67,13 +69,17 @@ def build_report(runs: List[PlannedRun], resolved: Dict[str, Dict[str, Any]], ar
         entry['train_time_s'] = seconds
         entry['stats'] = {}
         for f in (f'{x:g}' for x in fractions):
-            ref = None if name == reference else seed_stats(top1[reference][f])
+            if not top1[name].get(f):
+                entry['stats'][f] = None  # no finished run yet (an interim report)
+                continue
+            ref = None if name == reference or not top1[reference].get(f) else seed_stats(top1[reference][f])
             entry['stats'][f] = compare_to(seed_stats(top1[name][f]), ref)
     data = base_dict.get('data') or 'digits'
     report = {
         'study': st.name if st else None, 'description': st.description if st else '', 'data': data,
         'fractions': list(fractions), 'seeds': list(seeds), 'reference': reference, 'arms': [a.name for a in arms],
-        'models': info, 'top1': top1,
+        'models': info, 'top1': {arm: by_fraction for arm, by_fraction in top1.items() if by_fraction},
+        'finished_runs': len(runs), 'planned_runs': len(runs) if planned_runs is None else planned_runs,
     }
     report['table'] = _table(report)
     return report
@@ -86,9 +92,10 @@ def _table(report: Dict[str, Any]) -> str:
     header = (f'| arm | params | {unit} | train img/s | train min | '
               + ' | '.join(f'{f:g} of train' for f in fractions) + ' |')
     lines = [header, '|' + ' --- |' * (len(fractions) + 5)]
-    for name in report['arms']:
+    n = len(report['seeds'])
+    for name in (a for a in report['arms'] if a in info):
         m = info[name]
-        cells = [format_stat(m['stats'][f'{f:g}']) for f in fractions]
+        cells = [_cell(m['stats'][f'{f:g}'], n) for f in fractions]
         fl = f'{m["flops"] / scale:.2f}' if m['flops'] else 'n/a'
         ips = f'{m["train_images_per_s"]:.0f}' if m['train_images_per_s'] else 'n/a'
         minutes = f'{m["train_time_s"] / 60:.0f}' if m['train_time_s'] else 'n/a'
@@ -96,12 +103,22 @@ def _table(report: Dict[str, Any]) -> str:
         what = f'{BUILTINS[m["builtin"]].description}, from {m["model"]}' if m.get('builtin') else m['model']
         lines.append(f'| {name} ({what}) | {m["params"] / 1e6:.3f}M | {fl} | {ips} | {minutes} | '
                      + ' | '.join(cells) + ' |')
-    n = len(report['seeds'])
     lines += ['', f'Held-out top-1 (%), mean ± std over {n} seed{"s" if n > 1 else ""}; in brackets the difference '
                   f'of means from the reference arm {ref}, "within spread" when it is smaller than the larger of the '
                   f'two standard deviations. {unit}: one image\'s forward pass; train img/s and train min (the '
                   f'wall time of training): all the arm\'s runs together.']
+    if report['finished_runs'] < report['planned_runs']:
+        missing = [a for a in report['arms'] if a not in info]
+        lines += ['', f'Interim report: {report["finished_runs"]} of {report["planned_runs"]} runs finished'
+                      + (f'; no run of {", ".join(missing)} yet' if missing else '') + '.']
     return '\n'.join(lines)
+
+
+def _cell(stats: Optional[Dict[str, Any]], seeds: int) -> str:
+    """A table cell: mean ± std (difference), and of how many seeds where an interim report has fewer."""
+    if stats is None:
+        return 'not finished'
+    return format_stat(stats) + (f' [{stats["n"]} of {seeds} seeds]' if stats['n'] < seeds else '')
 
 
 def plot_ablation(results: Dict[str, Dict[str, List[float]]], fractions: Sequence[float], info: Dict[str, Any],
@@ -111,8 +128,9 @@ def plot_ablation(results: Dict[str, Dict[str, List[float]]], fractions: Sequenc
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for model, by_fraction in results.items():
-        order = sorted(fractions, key=lambda f: info[model]['train_images'][f'{f:g}'])
+    for model, by_fraction in results.items():  # an interim report: only the fractions with a finished run
+        order = sorted((f for f in fractions if by_fraction.get(f'{f:g}')),
+                       key=lambda f: info[model]['train_images'][f'{f:g}'])
         xs = [info[model]['train_images'][f'{f:g}'] for f in order]
         vals = [np.array(by_fraction[f'{f:g}']) for f in order]
         mean = np.array([v.mean() for v in vals])
@@ -122,7 +140,7 @@ def plot_ablation(results: Dict[str, Dict[str, List[float]]], fractions: Sequenc
     ax.set_xscale('log')
     ax.set_xlabel('training images (log scale)')
     ax.set_ylabel('held-out top-1 (%), mean ± std over seeds')
-    n_seeds = len(next(iter(next(iter(results.values())).values())))
+    n_seeds = max(len(v) for r in results.values() for v in r.values())
     ax.set_title(f'Data efficiency on {data}\nsame recipe, same images seen, {n_seeds} seeds', fontsize=11)
     ax.grid(True, which='both', alpha=0.3)
     ax.legend(loc='lower right', fontsize='small')

@@ -19,6 +19,7 @@ from ..fileio import atomic_write_text, exclusive_lock, remove_temporaries
 from .plan import plan_runs, setup_ablation
 from .report import build_report, plot_ablation
 from .run_dirs import LOCK, RECORD, Equivalents, PlannedRun, check_existing, copy_run
+from .studies import AblationError
 
 __all__ = ['run_ablation']
 
@@ -28,7 +29,8 @@ def run_ablation(data: Optional[str] = None, fractions: Optional[Sequence[float]
                  models: Optional[Sequence[str]] = None, config: Optional[str] = None,
                  overrides: Optional[Dict[str, Any]] = None, progress: bool = True, *,
                  study: Optional[str] = None, arms: Optional[Sequence[Any]] = None,
-                 epochs: Optional[int] = None, reuse: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+                 epochs: Optional[int] = None, reuse: Optional[Sequence[str]] = None,
+                 report_only: bool = False) -> Dict[str, Any]:
     """Train every (arm, fraction, seed) run that has not finished yet; write ablation.json,
     ablation.md (the table) and ablation.png (top-1 against the number of training images).
 
@@ -40,7 +42,9 @@ def run_ablation(data: Optional[str] = None, fractions: Optional[Sequence[float]
     ``runs/ablate/<study>`` for a study, else ``runs/ablate``. ``reuse``: output folders of other
     ablations; a run to train that one of their finished runs trains exactly as (same config once
     the model's arguments are resolved, same fraction and seed) is copied from it instead, so
-    studies that share an arm (each study's released-Refiner arm) train it once.
+    studies that share an arm (each study's released-Refiner arm) train it once. ``report_only``: train
+    nothing; the results of the runs finished so far (an interim report of a long study, which may be
+    running meanwhile), each cell saying of how many seeds.
     """
     setup = setup_ablation(data, fractions, seeds, models, config, overrides, study, arms, epochs)
     st = setup.study
@@ -49,6 +53,14 @@ def run_ablation(data: Optional[str] = None, fractions: Optional[Sequence[float]
     for run in runs:
         check_existing(run)
     todo = [r for r in runs if not r.files.summary.is_file()]
+    if report_only:
+        finished = [r for r in runs if r.files.summary.is_file()]
+        if not finished:
+            raise AblationError(f'no run of this ablation has finished in {root} yet: nothing to report')
+        if progress:
+            print(f'{len(finished)} of {len(runs)} runs finished in {root}; reporting those, training nothing',
+                  flush=True)
+        return _write_report(finished, runs, resolved, setup, st, root)
     equivalents = Equivalents(reuse or [])
     if progress:
         print(f'{len(setup.arms)} arms x {len(setup.fractions)} fractions x {len(setup.seeds)} seeds: {len(runs)} '
@@ -66,7 +78,14 @@ def run_ablation(data: Optional[str] = None, fractions: Optional[Sequence[float]
                 pass
         _train_run(run, progress, True, equivalents)
 
-    report = build_report(runs, resolved, setup.arms, setup.reference, setup.fractions, setup.seeds, setup.base, st)
+    return _write_report(runs, runs, resolved, setup, st, root)
+
+
+def _write_report(finished: Sequence[PlannedRun], planned: Sequence[PlannedRun], resolved: Dict[str, Any],
+                  setup: Any, st: Any, root: Path) -> Dict[str, Any]:
+    """ablation.json, .md and .png from the ``finished`` runs of the ``planned`` ones, under the folder's lock."""
+    report = build_report(finished, resolved, setup.arms, setup.reference, setup.fractions, setup.seeds, setup.base,
+                          st, planned_runs=len(planned))
     report['out'] = str(root)
     with exclusive_lock(root / LOCK, wait=True):
         remove_temporaries(root)  # what a killed invocation was writing

@@ -157,8 +157,8 @@ def add_summary_args(parser: argparse.ArgumentParser) -> None:
                              'folders holding them (searched recursively), e.g. one analysis per seed')
     parser.add_argument('--reference', help='the model the others are compared with (default: the first model '
                                             'of the first CKA result, else of the first attention result)')
-    parser.add_argument('--out', type=output_folder, default='runs/analysis/summary', help='output folder (default '
-                                                                       'runs/analysis/summary)')
+    parser.add_argument('--out', type=output_folder, default='runs/analysis/summary',
+                        help='output folder (default runs/analysis/summary)')
 
 
 def run_summary(args: argparse.Namespace) -> int:

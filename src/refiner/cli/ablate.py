@@ -36,6 +36,9 @@ def add_ablate_args(p: argparse.ArgumentParser) -> None:
                         "one that another invocation is training there is waited for")
     p.add_argument('--set', action='append', default=[], metavar='KEY=VALUE',
                    help="override any config key for every arm (YAML value; the arms' own overrides win)")
+    p.add_argument('--report-only', action='store_true',
+                   help='train nothing: write the results of the runs finished so far (an interim report of a '
+                        'long study, which may be running meanwhile)')
     p.add_argument('--no-progress', action='store_true')
 
 
@@ -53,7 +56,7 @@ def run_ablate(args: argparse.Namespace) -> int:
     try:
         report = run_ablation(args.data, args.fractions, args.seeds, args.out, args.models, args.config,
                               parse_set(args.set), progress=not args.no_progress, study=args.study, arms=args.arm,
-                              epochs=args.epochs, reuse=args.reuse)
+                              epochs=args.epochs, reuse=args.reuse, report_only=args.report_only)
     except ConfigError as e:  # a study, an arm or an override that is not valid: the user's input
         raise UsageError(str(e)) from None
     print(report['table'])
