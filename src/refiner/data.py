@@ -345,8 +345,9 @@ def _image_folder(root: Path, fraction: float, fraction_seed: int, classes: Opti
 def _timm_spec(spec: str, root: Optional[str], fraction: float, fraction_seed: int,
                classes: Optional[Sequence[str]] = None) -> Datasets:
     from timm.data import create_dataset
-    if spec.split('/', 1)[0] in STREAMED_PREFIXES:
-        raise DataError(f'--data {spec}: timm streams {spec.split("/", 1)[0]}/ datasets (iterable, no index), and '
+    reader = spec.split('/', 1)[0]
+    if reader in STREAMED_PREFIXES:
+        raise DataError(f'--data {spec}: timm streams {reader}/ datasets (iterable, no index), and '
                         f'refiner samples by index (resumable, seeded); use hfds/..., torch/... or an image folder')
     try:
         train = create_dataset(spec, root=root, split='train', is_training=True)

@@ -60,7 +60,7 @@ def run_ablation(data: Optional[str] = None, fractions: Optional[Sequence[float]
         if progress:
             print(f'{len(finished)} of {len(runs)} runs finished in {root}; reporting those, training nothing',
                   flush=True)
-        return _write_report(finished, runs, resolved, setup, st, root)
+        return _write_report(finished, runs, resolved, setup, root)
     equivalents = Equivalents(reuse or [])
     if progress:
         print(f'{len(setup.arms)} arms x {len(setup.fractions)} fractions x {len(setup.seeds)} seeds: {len(runs)} '
@@ -78,14 +78,14 @@ def run_ablation(data: Optional[str] = None, fractions: Optional[Sequence[float]
                 pass
         _train_run(run, progress, True, equivalents)
 
-    return _write_report(runs, runs, resolved, setup, st, root)
+    return _write_report(runs, runs, resolved, setup, root)
 
 
 def _write_report(finished: Sequence[PlannedRun], planned: Sequence[PlannedRun], resolved: Dict[str, Any],
-                  setup: Any, st: Any, root: Path) -> Dict[str, Any]:
+                  setup: Any, root: Path) -> Dict[str, Any]:
     """ablation.json, .md and .png from the ``finished`` runs of the ``planned`` ones, under the folder's lock."""
     report = build_report(finished, resolved, setup.arms, setup.reference, setup.fractions, setup.seeds, setup.base,
-                          st, planned_runs=len(planned))
+                          setup.study, planned_runs=len(planned))
     report['out'] = str(root)
     with exclusive_lock(root / LOCK, wait=True):
         remove_temporaries(root)  # what a killed invocation was writing
