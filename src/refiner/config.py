@@ -19,7 +19,7 @@ from .errors import RefinerError
 
 __all__ = ['TrainConfig', 'AUGMENTATION_KEYS', 'load_recipe', 'list_recipes', 'apply_overrides', 'ConfigError',
            'DEFAULT_MODEL', 'lr_scale_rule', 'scaled_lr', 'complete_saved_config', 'default_recipe', 'train_config',
-           'read_shipped_or_file']
+           'read_shipped_or_file', 'shipped_names']
 
 DEFAULT_MODEL = 'refiner_vit_s'  # what a run trains when neither the config nor finetune weights name a model
 
@@ -187,8 +187,13 @@ def _recipe_dir():
     return resources.files('refiner') / 'recipes'
 
 
+def shipped_names(folder) -> List[str]:
+    """The names of the YAML files shipped in a package folder (recipes, studies), sorted."""
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith('.yaml'))
+
+
 def list_recipes() -> List[str]:
-    return sorted(p.name[:-5] for p in _recipe_dir().iterdir() if p.name.endswith('.yaml'))
+    return shipped_names(_recipe_dir())
 
 
 def default_recipe(data: Optional[str]) -> Optional[str]:
@@ -199,7 +204,7 @@ def default_recipe(data: Optional[str]) -> Optional[str]:
     return {'digits': 'default', 'digits_clutter': 'digits_clutter', 'fashion_mnist': 'fashion_mnist'}.get(kind)
 
 
-def read_shipped_or_file(name_or_path: str, shipped, flag: str, kind: str, names: List[str]) -> Tuple[str, str]:
+def read_shipped_or_file(name_or_path: str, shipped, flag: str, kind: str) -> Tuple[str, str]:
     """The text and name of a YAML shipped in the folder ``shipped`` (a bare NAME), else of a YAML file
     (a path); recipes and studies. A shipped name wins over a file or folder of that name in the working
     directory (``./NAME`` is the file), so that a folder called ``fashion_mnist`` cannot hide the recipe."""
@@ -215,13 +220,14 @@ def read_shipped_or_file(name_or_path: str, shipped, flag: str, kind: str, names
                               f'--checkpoint take weights)') from None
     if path.suffix in ('.yaml', '.yml') or path.exists() or path.name != name_or_path:
         raise ConfigError(f'{flag} {name_or_path}: no such file')
-    raise ConfigError(f'{flag} {name_or_path}: not a file and not a shipped {kind} (shipped: {", ".join(names)})')
+    raise ConfigError(f'{flag} {name_or_path}: not a file and not a shipped {kind} '
+                      f'(shipped: {", ".join(shipped_names(shipped))})')
 
 
 def load_recipe(name_or_path: str, _seen: tuple = ()) -> Dict[str, Any]:
     """A recipe shipped with the package (by name) or a YAML file (by path). ``base: NAME`` in a
     recipe starts from that recipe's keys (so that a variant states only what it changes)."""
-    text, _ = read_shipped_or_file(name_or_path, _recipe_dir(), '--config', 'recipe', list_recipes())
+    text, _ = read_shipped_or_file(name_or_path, _recipe_dir(), '--config', 'recipe')
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import yaml
 
-from ..config import DEFAULT_MODEL, ConfigError, TrainConfig, read_shipped_or_file, yaml_number
+from ..config import DEFAULT_MODEL, ConfigError, TrainConfig, read_shipped_or_file, shipped_names, yaml_number
 
 __all__ = ['Arm', 'Study', 'AblationError', 'BuiltinArm', 'BUILTINS', 'BUILTIN_ARMS', 'DEFAULT_FRACTIONS',
            'DEFAULT_SEEDS', 'SET_PER_RUN', 'parse_arm', 'make_arm', 'load_study', 'list_studies', 'merge_overrides',
@@ -221,18 +221,16 @@ def _study_dir():
 def list_studies() -> List[Tuple[str, str]]:
     """The shipped studies: (name, description)."""
     out = []
-    for p in sorted(_study_dir().iterdir(), key=lambda p: p.name):
-        if p.name.endswith('.yaml'):
-            data = yaml.safe_load(p.read_text()) or {}
-            out.append((p.name[:-5], str(data.get('description', '')).strip()))
+    for name in shipped_names(_study_dir()):
+        data = yaml.safe_load((_study_dir() / f'{name}.yaml').read_text()) or {}
+        out.append((name, str(data.get('description', '')).strip()))
     return out
 
 
 def load_study(name_or_path: str) -> Study:
     """A study shipped with the package (by name) or a YAML file (by path)."""
     try:
-        text, name = read_shipped_or_file(name_or_path, _study_dir(), '--study', 'study',
-                                          [n for n, _ in list_studies()])
+        text, name = read_shipped_or_file(name_or_path, _study_dir(), '--study', 'study')
     except ConfigError as e:
         raise AblationError(str(e)) from None
     where = f'study {name_or_path}'

@@ -28,15 +28,13 @@ _NOT_AN_EXPORT = {'.safetensors': 'weights', '.bin': 'weights', '.json': 'a conf
 def run_export(args: argparse.Namespace) -> int:
     """Export and check (:func:`refiner.export.export_and_check`), then say what was written and how it compares."""
     from ..export import export_and_check, load_for_export
-    out = Path(args.out)
+    out, suffix = Path(args.out), '.onnx' if args.format == 'onnx' else '.pt'
     if args.format != 'hf' and out.is_dir():
-        raise UsageError(f'{out} is a folder; --format {args.format} writes one file (e.g. {out / "model"}'
-                         f'{".onnx" if args.format == "onnx" else ".pt"})')
+        raise UsageError(f'{out} is a folder; --format {args.format} writes one file (e.g. {out / "model"}{suffix})')
     if args.format != 'hf' and out.suffix in _NOT_AN_EXPORT:
         # the output comes first: `export run/model.safetensors ...` would overwrite the weights it names
         raise UsageError(f'{out} names {_NOT_AN_EXPORT[out.suffix]}, not an {args.format} file; the output '
-                         f'comes first (refiner export OUT --checkpoint WEIGHTS), e.g. model'
-                         f'{".onnx" if args.format == "onnx" else ".pt"}')
+                         f'comes first (refiner export OUT --checkpoint WEIGHTS), e.g. model{suffix}')
     model, info = load_for_export(args.model, args.checkpoint, args.img_size)
     res = export_and_check(model, info, args.out, args.format, reparameterize=not args.no_reparameterize,
                            opset=args.opset)
